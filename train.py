@@ -1,0 +1,373 @@
+"""Train one image-captioning run and save its best checkpoint.
+
+A tiny CPU run on the built-in synthetic data (no downloads, about a minute):
+    python train.py --max_steps 150
+Flickr8k-style data (captions.csv + images/ + splits.csv):
+    python train.py --data ../shared/data/flickr8k_224 --max_steps 200
+What a W&B sweep agent runs (one --key=value token per parameter):
+    python train.py --optimizer=adamw --learning_rate=2.7e-05 --scheduler=cosine --freeze_encoder=True
+Several GPUs, one run (DDP; gloo on CPU):
+    torchrun --nproc_per_node=4 train.py --data DATA
+Continue a run stopped by SIGTERM (preemption):
+    python train.py --resume saved_models/resume/RUN_ID.pt
+
+The checkpoint goes to saved_models/sweep_runs/model_sweep_{run_id}_{optimizer}_lr{lr}_{scheduler}.pth
+with a JSON summary of the same name beside it. Exit status: 0 completed, 1 failed (diverged or
+error), 2 invalid settings or data, 143 stopped by SIGTERM with a resumable state saved.
+"""
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import training
+from data_pipeline import train_batches
+from dataset import DataError
+from model import CheckpointError, caption_loss, save_checkpoint
+
+PROCESS_START = time.time()
+
+log = logging.getLogger("train")
+
+# Settings: (name, default, type, help). The sweep sets any of them by name; keep names stable.
+SETTINGS = [
+    # data
+    ("data", "builtin", str, "'builtin' (synthetic shapes, no files) or a dataset path, see dataset.py"),
+    ("val_fraction", 0.1, float, "share of images held out for validation when the data has no official split"),
+    ("max_train_samples", None, int, "use at most this many training images (None = all)"),
+    ("max_val_samples", None, int, "use at most this many validation images (None = all)"),
+    ("eval_max_images", 500, int, "validation images captioned and scored at each evaluation"),
+    # model
+    ("encoder", "efficientnet_lite0", str, "efficientnet_lite0 | tiny_cnn | a transformers vision model name"),
+    ("freeze_encoder", True, bool, "keep the encoder fixed and cache its features once (much faster on CPU)"),
+    ("decoder", "transformer", str, "transformer (from scratch) | minilm | a transformers causal LM name"),
+    ("d_model", 256, int, "decoder width of the from-scratch transformer"),
+    ("num_layers", 3, int, "decoder layers of the from-scratch transformer"),
+    ("num_heads", 4, int, "attention heads of the from-scratch transformer"),
+    ("dropout", 0.1, float, "dropout of the from-scratch transformer"),
+    ("vocab_size", 5000, int, "WordPiece vocabulary trained on the training captions (from-scratch decoder)"),
+    ("max_caption_length", 32, int, "tokens per caption including [BOS] and [EOS]; longer ones are cut"),
+    # optimisation
+    ("optimizer", "adamw", str, "adamw | adam"),
+    ("learning_rate", 3e-5, float, "base learning rate, for pretrained weights"),
+    ("scratch_lr_multiplier", 30.0, float, "parts trained from scratch use learning_rate times this"),
+    ("weight_decay", 0.01, float, "weight decay of matrices (biases, norms and embeddings get none)"),
+    ("adam_beta2", 0.98, float, "Adam beta2; 0.98 is steadier than 0.999 for short transformer runs"),
+    ("scheduler", "cosine", str, "cosine | linear | constant, each after a linear warmup"),
+    ("warmup_steps", 50, int, "steps of linear learning-rate warmup"),
+    ("grad_clip", 1.0, float, "clip the gradient norm to this (0 = no clipping)"),
+    ("label_smoothing", 0.1, float, "label smoothing of the caption cross-entropy"),
+    ("batch_size", 64, int, "captions per optimizer step, over all processes"),
+    ("max_steps", 400, int, "optimizer steps of the run"),
+    ("epochs", None, float, "train this many passes over the training captions instead of --max_steps"),
+    ("seed", 0, int, "seed of initialisation, data order and the validation split"),
+    ("max_bad_steps", 10, int, "consecutive non-finite steps after which the run fails as diverged"),
+    # validation and decoding
+    ("eval_interval", 200, int, "steps between validations; one always runs at the end"),
+    ("log_interval", 20, int, "steps between progress lines"),
+    ("metric", "val/loss", str, "validation metric that picks the checkpoint kept (val/loss, val/cider, ...)"),
+    ("metric_goal", "minimize", str, "minimize | maximize the metric"),
+    ("top_k", 50, int, "top-k sampling of validation captions; stored as the run's decoding default"),
+    ("temperature", 1.0, float, "sampling temperature of validation captions; stored as decoding default"),
+    ("do_sample", True, bool, "sample validation captions with top_k/temperature (False: greedy or beam)"),
+    ("num_beams", 1, int, "beam width of validation captions (1 = no beam search)"),
+    ("no_repeat_ngram_size", 0, int, "forbid repeating n-grams of this size in captions (0 = off)"),
+    # system
+    ("device", "auto", str, "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:1 | mps"),
+    ("precision", "auto", str, "auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32"),
+    ("compile", False, bool, "torch.compile the model"),
+    ("output_dir", "saved_models/sweep_runs", str, "folder of checkpoints"),
+    ("cache_dir", "saved_models/cache", str, "folder of decoded-image and feature caches"),
+    ("resume_dir", "saved_models/resume", str, "folder of resumable states written on SIGTERM"),
+    ("resume", None, str, "continue the run saved in this resumable state file"),
+    ("wandb_project", "image-captioning-sweeps", str, "W&B project"),
+    ("wandb_entity", None, str, "W&B entity (user or team); None = your default"),
+    ("wandb_mode", "auto", str, "auto (online with an API key, else offline) | online | offline | disabled"),
+    ("log_model", True, bool, "also log the checkpoint to W&B as a model artifact"),
+]
+DEFAULTS = {name: default for name, default, _, _ in SETTINGS}
+CHOICES = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "linear", "constant"),
+           "metric_goal": ("minimize", "maximize"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "wandb_mode": ("auto", "online", "offline", "disabled")}
+# Keys train.py logs; the sweep's metric.name must be one of them.
+LOGGED_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "train/images_per_sec",
+                  "val/loss", "val/bleu1", "val/bleu2", "val/bleu3", "val/bleu4", "val/cider", "val/rouge_l",
+                  "val/meteor")
+
+
+def parse_bool(text):
+    """Parse what `wandb agent` and people write for booleans: True/False, true/false, 1/0, yes/no."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0), got {text!r}")
+
+
+def optional(kind):
+    """Wrap a type so that 'None' (how the agent renders a null value) parses as None."""
+    def parse(text):
+        return None if str(text).strip() in ("None", "none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Train one image-captioning run.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, default, kind, text in SETTINGS:
+        parse = parse_bool if kind is bool else optional(kind)
+        parser.add_argument(f"--{name}", type=parse, default=default, choices=CHOICES.get(name), help=text)
+    return parser
+
+
+def parse_config(argv=None):
+    """Parse the command line into the run's config dict (plain JSON-able values)."""
+    return vars(build_parser().parse_args(argv))
+
+
+def validate_config(config):
+    """Raise ValueError naming the setting for values that cannot train."""
+    for key in ("learning_rate", "batch_size", "max_steps", "d_model", "num_layers", "num_heads",
+                "max_caption_length", "eval_interval", "log_interval", "max_bad_steps"):
+        if config[key] is not None and config[key] <= 0:
+            raise ValueError(f"--{key}={config[key]} must be positive")
+    for key in ("weight_decay", "grad_clip", "dropout", "label_smoothing", "warmup_steps", "scratch_lr_multiplier"):
+        if config[key] < 0:
+            raise ValueError(f"--{key}={config[key]} must not be negative")
+    if config["temperature"] <= 0 or config["top_k"] <= 0 or config["num_beams"] <= 0:
+        raise ValueError("--temperature, --top_k and --num_beams must be positive")
+    if config["metric"] not in LOGGED_METRICS or not config["metric"].startswith("val/"):
+        raise ValueError(f"--metric={config['metric']} is not a validation metric train.py logs; use one of "
+                         f"{', '.join(m for m in LOGGED_METRICS if m.startswith('val/'))}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config["batch_size"] % world_size:
+        raise ValueError(f"--batch_size={config['batch_size']} is not divisible by the {world_size} processes")
+    if config["decoder"] == "transformer" and config["d_model"] % config["num_heads"]:
+        raise ValueError(f"--d_model={config['d_model']} is not divisible by --num_heads={config['num_heads']}")
+
+
+@dataclass
+class RunState:
+    """What the loop tracks and what checkpoints and resumable states are made of."""
+    config: dict
+    run_id: str
+    model: torch.nn.Module
+    tokenizer: object
+    data_stats: dict
+    step: int = 0
+    skipped: int = 0
+    consecutive_bad: int = 0
+    last_train_loss: float = float("nan")
+    best: dict = None
+    timing: dict = field(default_factory=dict)
+
+
+def save_resume_state(state, optimizer, scheduler, scaler, path):
+    """Write everything needed to continue the run bit for bit (weights, optimizer, step, RNG)."""
+    save_checkpoint(path, {
+        "run_id": state.run_id, "wandb_run_id": state.run_id, "config": state.config,
+        "model_config": state.model.model_config, "tokenizer": state.tokenizer.state_dict(),
+        "model_state_dict": state.model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": state.step,
+        "skipped": state.skipped, "consecutive_bad": state.consecutive_bad,
+        "last_train_loss": state.last_train_loss, "best": state.best, "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    })
+
+
+def restore_resume_state(state, resume, optimizer, scheduler, scaler):
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    scaler.load_state_dict(resume["scaler"])
+    for key in ("step", "skipped", "consecutive_bad", "last_train_loss", "best"):
+        setattr(state, key, resume[key])
+    torch.set_rng_state(resume["rng"])
+    if resume["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["cuda_rng"])
+
+
+def finish_run(state, run, path, status, reason=""):
+    """Write the final checkpoint (best weights) and the W&B summary; return the status."""
+    if status != "completed":
+        log.error("run %s %s: %s", state.run_id, status, reason)
+    if state.best is None:
+        if status == "failed":
+            log.error("no checkpoint saved: the run never reached a finite validation point")
+        return status
+    training.write_run_files(path, training.build_checkpoint(state, status, reason))
+    run.summary.update({**state.best["metrics"], "status": status, "best_step": state.best["step"],
+                        "total_steps": state.step, "skipped_steps": state.skipped, "checkpoint": str(path)})
+    if status == "completed" and state.config["log_model"] and run.settings.mode != "disabled":
+        import wandb
+        artifact = wandb.Artifact(f"model-{state.run_id}", type="model", metadata=state.best["metrics"])
+        artifact.add_file(str(path))
+        run.log_artifact(artifact)
+    log.info("%s checkpoint: %s", status, path)
+    return status
+
+
+def train(config, run, ctx, stop, resume_state=None):
+    """Train one run; return "completed", "failed" (diverged) or "preempted" (SIGTERM)."""
+    torch.manual_seed(config["seed"])
+    model, tokenizer, train_inputs, val_inputs, data_stats = training.prepare(config, ctx, resume_state)
+    total_steps = config["max_steps"]
+    if config["epochs"]:
+        total_steps = max(1, math.ceil(config["epochs"] * len(train_inputs) / config["batch_size"]))
+    optimizer = training.make_optimizer(model, config)
+    scheduler = training.make_scheduler(optimizer, config, total_steps)
+    autocast, precision = training.autocast_factory(config["precision"], ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
+    run_id = resume_state["run_id"] if resume_state else (run.id if run.settings.mode != "disabled" else
+                                                          training.new_run_id())
+    state = RunState(config, run_id, model, tokenizer, data_stats)
+    if resume_state is not None:
+        restore_resume_state(state, resume_state, optimizer, scheduler, scaler)
+    net = DistributedDataParallel(model) if ctx.distributed else model
+    if config["compile"]:
+        net = torch.compile(net)
+    params = [p for p in model.parameters() if p.requires_grad]
+    path = training.checkpoint_path(config, run_id)
+    resume_path = os.path.join(config["resume_dir"], f"{run_id}.pt")
+    batches = train_batches(train_inputs, config["batch_size"], ctx.world_size, ctx.rank, config["seed"],
+                            state.step)
+    if ctx.is_main:
+        log.info("run %s: %d steps of %d captions, %.2fM trainable parameters, %s, %s%s", run_id, total_steps,
+                 config["batch_size"], sum(p.numel() for p in params) / 1e6, ctx.device, precision,
+                 f", {ctx.world_size} processes" if ctx.distributed else "")
+    state.timing = {"setup_s": time.time() - PROCESS_START, "eval_s": 0.0}
+    loop_start = window_start = time.time()
+    window_steps, window_loss = 0, 0.0
+    model.train()
+    while state.step < total_steps:
+        # preemption: every rank stops at the same step; rank 0 saves a resumable state
+        if training.all_ranks_max(stop.requested, ctx):
+            if ctx.is_main:
+                save_resume_state(state, optimizer, scheduler, scaler, resume_path)
+                log.warning("SIGTERM: saved resumable state at step %d to %s; continue with --resume %s",
+                            state.step, resume_path, resume_path)
+            return "preempted"
+
+        # forward, backward
+        _, idx = next(batches)
+        inputs, input_ids, attention_mask, targets = train_inputs.caption_batch(idx)
+        inputs = {k: v.to(ctx.device, non_blocking=True) for k, v in inputs.items()}
+        with autocast():
+            logits = net(input_ids.to(ctx.device), attention_mask.to(ctx.device), **inputs)  # (B, L, V)
+        loss = caption_loss(logits, targets.to(ctx.device), config["label_smoothing"])
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"] or float("inf"))
+
+        # a non-finite loss or gradient skips the update; too many in a row fail the run
+        loss_value = loss.item()
+        finite = math.isfinite(loss_value) and (precision == "fp16" or math.isfinite(grad_norm.item()))
+        state.step += 1
+        if training.all_ranks_max(not finite, ctx):
+            optimizer.zero_grad(set_to_none=True)
+            state.skipped += 1
+            state.consecutive_bad += 1
+            if state.consecutive_bad >= config["max_bad_steps"]:
+                reason = (f"diverged: {state.consecutive_bad} consecutive non-finite steps at step {state.step} "
+                          f"(learning_rate={config['learning_rate']}); lower --learning_rate or --grad_clip")
+                run.log({"train/skipped_steps": state.skipped}, step=state.step)
+                return finish_run(state, run, path, "failed", reason) if ctx.is_main else "failed"
+            continue
+        state.consecutive_bad = 0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.last_train_loss = loss_value
+        window_steps, window_loss = window_steps + 1, window_loss + loss_value
+
+        # log a progress line
+        if state.step % config["log_interval"] == 0 or state.step == total_steps:
+            elapsed = time.time() - window_start
+            images_per_sec = window_steps * config["batch_size"] / max(elapsed, 1e-9)
+            lr = scheduler.get_last_lr()[-1]
+            eta = (total_steps - state.step) * elapsed / max(window_steps, 1)
+            if ctx.is_main:
+                log.info("step %d/%d | loss %.4f | lr %.2e | %.0f img/s | eta %s", state.step, total_steps,
+                         window_loss / max(window_steps, 1), lr, images_per_sec, time.strftime("%M:%S", time.gmtime(eta)))
+                run.log({"train/loss": window_loss / max(window_steps, 1), "train/lr": lr,
+                         "train/grad_norm": grad_norm.item(), "train/skipped_steps": state.skipped,
+                         "train/images_per_sec": images_per_sec}, step=state.step)
+            window_start, window_steps, window_loss = time.time(), 0, 0.0
+
+        # evaluate; keep the best validation point as the run's checkpoint
+        if state.step % config["eval_interval"] == 0 or state.step == total_steps:
+            eval_start = time.time()
+            failed = 0.0
+            if ctx.is_main:
+                metrics, samples = training.evaluate(model, tokenizer, val_inputs, config, ctx, autocast)
+                log.info("eval step %d: %s", state.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                run.log({**metrics, "val/samples": training.samples_table(samples)}, step=state.step)
+                failed = float(not math.isfinite(metrics["val/loss"]))
+                if training.is_better(metrics[config["metric"]], state.best and state.best["metrics"][config["metric"]],
+                                      config["metric_goal"]):
+                    encoder, decoder, opt = training.snapshot(model, optimizer)
+                    state.best = {"metrics": metrics, "step": state.step, "samples": samples,
+                                  "encoder": encoder, "decoder": decoder, "optimizer": opt}
+                    training.write_run_files(path, training.build_checkpoint(state, "running", ""))
+            if training.all_ranks_max(failed, ctx):
+                reason = f"validation loss is not finite at step {state.step}"
+                return finish_run(state, run, path, "failed", reason) if ctx.is_main else "failed"
+            state.timing["eval_s"] += time.time() - eval_start
+            window_start = time.time()
+
+    state.timing["loop_s"] = time.time() - loop_start
+    if ctx.is_main and os.path.exists(resume_path):
+        os.remove(resume_path)  # the run is done; its resumable state is no longer needed
+    return finish_run(state, run, path, "completed") if ctx.is_main else "completed"
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    config = parse_config(argv)
+    resume_state = None
+    try:
+        resume_state = training.find_resume_state(config)
+        if resume_state is not None:
+            config = {**resume_state["config"], "resume": config["resume"]}
+        validate_config(config)
+    except (ValueError, CheckpointError) as e:
+        log.error("%s", e)
+        return 2
+
+    # SIGTERM (cluster preemption, spot shutdown) asks the loop to save a resumable state and exit.
+    stop = training.StopFlag()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    ctx = training.setup_distributed(config)
+    run = training.init_wandb(config, ctx, resume_state)
+    try:
+        validate_config(config)  # again, now with any values a sweep set
+        status = train(config, run, ctx, stop, resume_state)
+    except (DataError, CheckpointError, ValueError) as e:
+        log.error("%s", e)
+        training.finish_wandb(run, exit_code=2)
+        return 2
+    except Exception:
+        training.finish_wandb(run, exit_code=1)
+        raise
+    finally:
+        training.teardown_distributed(ctx)
+    codes = {"completed": 0, "failed": 1, "preempted": 143}
+    training.finish_wandb(run, exit_code=codes[status], preempting=status == "preempted")
+    return codes[status]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
