@@ -130,3 +130,27 @@ def describe_size(num_bytes):
 def file_date(record):
     from datetime import datetime
     return datetime.fromtimestamp(record.mtime).strftime("%Y-%m-%d %H:%M")
+
+
+TABLE_METRICS = ("val/loss", "val/bleu4", "val/cider", "val/rouge_l")
+
+
+def models_table(records, metric="val/loss"):
+    """Render records (ranked best first) as a plain-text table, one line per checkpoint."""
+    columns = ["#", "run_id", "optimizer", "lr", "scheduler", *TABLE_METRICS, "train_loss", "steps", "status",
+               "size", "date", "path"]
+    rows = []
+    for rank, r in enumerate(rank_records(records, metric), start=1):
+        if r.error:
+            rows.append([str(rank), "-", "-", "-", "-", *["-"] * len(TABLE_METRICS), "-", "-", "unreadable",
+                         describe_size(r.size), file_date(r), f"{r.path}  ({r.error})"])
+            continue
+        metrics = [f"{r.metric(m):.4f}" if math.isfinite(r.metric(m)) else "-" for m in TABLE_METRICS]
+        status = r.status if r.selectable(metric) or r.status != SELECTABLE_STATUS else f"{r.status} (no {metric})"
+        rows.append([str(rank), r.run_id, r.optimizer, f"{r.learning_rate:.3g}", r.scheduler, *metrics,
+                     f"{r.final_train_loss:.4f}", str(r.total_steps), status, describe_size(r.size), file_date(r),
+                     r.path])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)

@@ -171,6 +171,7 @@ class RunState:
     last_train_loss: float = float("nan")
     best: dict = None
     timing: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # every logged train/val dict with its step
 
 
 def save_resume_state(state, optimizer, scheduler, scaler, path):
@@ -181,7 +182,8 @@ def save_resume_state(state, optimizer, scheduler, scaler, path):
         "model_state_dict": state.model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": state.step,
         "skipped": state.skipped, "consecutive_bad": state.consecutive_bad,
-        "last_train_loss": state.last_train_loss, "best": state.best, "rng": torch.get_rng_state(),
+        "last_train_loss": state.last_train_loss, "best": state.best, "history": state.history,
+        "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     })
 
@@ -190,7 +192,7 @@ def restore_resume_state(state, resume, optimizer, scheduler, scaler):
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     scaler.load_state_dict(resume["scaler"])
-    for key in ("step", "skipped", "consecutive_bad", "last_train_loss", "best"):
+    for key in ("step", "skipped", "consecutive_bad", "last_train_loss", "best", "history"):
         setattr(state, key, resume[key])
     torch.set_rng_state(resume["rng"])
     if resume["cuda_rng"] and torch.cuda.is_available():
@@ -300,9 +302,11 @@ def train(config, run, ctx, stop, resume_state=None):
             if ctx.is_main:
                 log.info("step %d/%d | loss %.4f | lr %.2e | %.0f img/s | eta %s", state.step, total_steps,
                          window_loss / max(window_steps, 1), lr, images_per_sec, time.strftime("%M:%S", time.gmtime(eta)))
-                run.log({"train/loss": window_loss / max(window_steps, 1), "train/lr": lr,
-                         "train/grad_norm": grad_norm.item(), "train/skipped_steps": state.skipped,
-                         "train/images_per_sec": images_per_sec}, step=state.step)
+                logged = {"train/loss": window_loss / max(window_steps, 1), "train/lr": lr,
+                          "train/grad_norm": grad_norm.item(), "train/skipped_steps": state.skipped,
+                          "train/images_per_sec": images_per_sec}
+                run.log(logged, step=state.step)
+                state.history.append({"step": state.step, **logged})
             window_start, window_steps, window_loss = time.time(), 0, 0.0
 
         # evaluate; keep the best validation point as the run's checkpoint
@@ -313,6 +317,7 @@ def train(config, run, ctx, stop, resume_state=None):
                 metrics, samples = training.evaluate(model, tokenizer, val_inputs, config, ctx, autocast)
                 log.info("eval step %d: %s", state.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 run.log({**metrics, "val/samples": training.samples_table(samples)}, step=state.step)
+                state.history.append({"step": state.step, **metrics})
                 failed = float(not math.isfinite(metrics["val/loss"]))
                 if training.is_better(metrics[config["metric"]], state.best and state.best["metrics"][config["metric"]],
                                       config["metric_goal"]):

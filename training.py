@@ -313,7 +313,7 @@ def build_checkpoint(state, status, reason):
         "metrics": best["metrics"], "best_step": best["step"], "final_train_loss": state.last_train_loss,
         "total_steps": state.step, "skipped_steps": state.skipped, "timing": state.timing,
         "config": config, "encoder": config["encoder"], "decoder": config["decoder"],
-        "samples": best["samples"], "data_stats": state.data_stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "samples": best["samples"], "history": state.history, "data_stats": state.data_stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     model_config = state.model.model_config
     return {
