@@ -16,6 +16,7 @@ Decoders (--decoder):
 
 import logging
 import os
+import re
 import zipfile
 from pathlib import Path
 import pickle
@@ -303,12 +304,19 @@ def read_checkpoint(path, device="cpu", mmap=False):
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; list the available ones with "
                               f"`python inference.py --list-models`")
+    # torch.save has written zip archives since PyTorch 1.6. Anything else (an empty, truncated or text
+    # file) would reach torch's legacy loader, which raises KeyError or IndexError or a misleading message.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a zip archive written by torch.save: it is empty, "
+                              f"truncated, corrupt or not a checkpoint; delete it or retrain the run")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {path} was rejected: it contains pickled Python objects that "
-                              f"weights_only loading does not allow, so it was not loaded and none of its "
-                              f"code ran ({str(e).splitlines()[0][:200]})") from e
+        rejected = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = f"a reference to {rejected.group(1)}" if rejected else "pickled data"
+        raise CheckpointError(f"checkpoint {path} was rejected: it contains {found} that weights_only loading "
+                              f"does not allow, so it was not loaded and none of its code ran; load only "
+                              f"checkpoints written by train.py") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0][:200]}); "
                               f"delete it or retrain the run") from e
