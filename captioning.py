@@ -119,9 +119,10 @@ def print_scores(result):
     for key in METRIC_KEYS:
         if key in result["metrics"]:
             print(f"{key:<9} {result['metrics'][key]:.4f}")
-    labels = {"distinct": "distinct captions", "repeat3": "a word 3 times in a row", "unk": "with [UNK]"}
+    labels = {"distinct": "share of captions that are unique", "repeat3": "share with a word 3 times in a row",
+              "unk": "share with [UNK]"}
     for key, value in result["statistics"].items():
-        print(f"{key:<9} {value:.4f}  (fraction of captions: {labels.get(key, key)})")
+        print(f"{key:<9} {value:.4f}  {labels.get(key, '')}".rstrip())
 
 
 def write_json(path, document):
