@@ -46,6 +46,7 @@ SETTINGS = [
     ("max_train_samples", None, int, "use at most this many training images (None = all)"),
     ("max_val_samples", None, int, "use at most this many validation images (None = all)"),
     ("eval_max_images", 500, int, "validation images captioned and scored at each evaluation"),
+    ("meteor", True, bool, "also score METEOR when java is installed (its JVM adds about 10 s per run)"),
     # model
     ("encoder", "efficientnet_lite0", str, "efficientnet_lite0 | tiny_cnn | a transformers vision model name"),
     ("freeze_encoder", True, bool, "keep the encoder fixed and cache its features once (much faster on CPU)"),
@@ -230,8 +231,7 @@ def train(config, run, ctx, stop, resume_state=None):
     scheduler = training.make_scheduler(optimizer, config, total_steps)
     autocast, precision = training.autocast_factory(config["precision"], ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
-    run_id = resume_state["run_id"] if resume_state else (run.id if run.settings.mode != "disabled" else
-                                                          training.new_run_id())
+    run_id = training.resolve_run_id(run, resume_state)
     state = RunState(config, run_id, model, tokenizer, data_stats)
     if resume_state is not None:
         restore_resume_state(state, resume_state, optimizer, scheduler, scaler)
