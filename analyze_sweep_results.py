@@ -76,7 +76,7 @@ def checkpoint_row(record, metric, rank):
         try:
             summary = checkpoints.read_summary(record.path)
         except (OSError, CheckpointError) as e:  # replaced or deleted since the scan
-            log.warning("cannot reread %s: %s", record.path, e)
+            log.warning("failed to reread %s: %s", record.path, e)
             summary = {}
         row.update(sweep_id=summary.get("sweep_id"), best_step=summary.get("best_step"))
         row.update({k: v for k, v in record.config.items() if k not in row})
@@ -85,7 +85,7 @@ def checkpoint_row(record, metric, rank):
 
 
 def order_columns(df, metric):
-    """Front columns, the metric first among the metrics, then run counters, hyperparameters, source."""
+    """Order the columns: front ones, the metric first among metrics, run counters, settings, source."""
     metrics = [metric] + [m for m in checkpoints.TABLE_METRICS if m != metric]
     metrics += sorted(c for c in df.columns if c.startswith(("val/", "train/")) and c not in metrics)
     ordered = FRONT_COLUMNS + metrics + RUN_COLUMNS
@@ -165,13 +165,13 @@ def metric_columns(df):
 
 
 def metric_summary(df):
-    """Count, mean, std, min, median and max of each metric over the ranked runs."""
+    """Return the count, mean, std, min, median and max of each metric over the ranked runs."""
     table = ranked_runs(df)[metric_columns(df)].astype(float).describe().T
     return table[["count", "mean", "std", "min", "50%", "max"]].rename(columns={"50%": "median"})
 
 
 def compare_groups(df, column, metric):
-    """Count, mean, median, best and spread (standard deviation) of the metric per value of `column`."""
+    """Return the count, mean, median, best and spread (standard deviation) of the metric per value of `column`."""
     best = "min" if checkpoints.metric_goal(metric) == "minimize" else "max"
     runs = ranked_runs(df)
     table = runs.groupby(runs[column].astype(str))[metric].agg(["count", "mean", "median", best, "std"])
@@ -180,11 +180,11 @@ def compare_groups(df, column, metric):
 
 
 def varying_hyperparameters(df):
-    """Settings with at least two distinct values among the ranked runs, learning rate first."""
+    """Return the settings with at least two distinct values among the ranked runs, learning rate first."""
     runs = ranked_runs(df)
     candidates = ["optimizer", "learning_rate", "scheduler"]
-    candidates += [c for c in df.columns if c not in candidates and c not in NOT_HYPERPARAMETERS
-                   and c not in FRONT_COLUMNS + RUN_COLUMNS + ["source", "path"] and not c.startswith(("val/", "train/"))]
+    excluded = set(candidates) | NOT_HYPERPARAMETERS | set(FRONT_COLUMNS + RUN_COLUMNS) | {"source", "path"}
+    candidates += [c for c in df.columns if c not in excluded and not c.startswith(("val/", "train/"))]
     return [c for c in candidates if c in runs and runs[c].dropna().astype(str).nunique() > 1]
 
 
@@ -198,7 +198,7 @@ def hyperparameter_effects(df, metric):
     Numeric settings get Spearman's rank correlation, which measures monotonic relations, so a
     log scale does not change it. Categorical settings get a Kruskal-Wallis test and its
     epsilon-squared, H / (n - 1): the share of the metric's rank variance that the groups explain.
-    Rows are sorted by p-value; with few runs the p-values are rough.
+    Rows are sorted by p-value. With few runs the p-values are rough.
     """
     runs = ranked_runs(df)
     minimize = checkpoints.metric_goal(metric) == "minimize"
@@ -287,7 +287,7 @@ def print_report(df, metric, top, source):
 
 
 def format_problems(problems):
-    """Two lines per run: run id, status and file, then the reason indented below them."""
+    """Format two lines per run: run id, status and file, then the reason indented below them."""
     run_ids = problems["run_id"].fillna("-").replace("", "-")
     width = max(len(run_id) for run_id in run_ids)
     lines = []
@@ -303,11 +303,12 @@ def parse_args(argv=None):
     parser.add_argument("--metric", default=DEFAULT_METRIC,
                         help="validation metric to rank by; losses are minimised, caption scores maximised")
     parser.add_argument("--sweep", default=None, help="only the runs of this sweep id")
-    parser.add_argument("--top", type=int, default=10, help="runs in the top table and (up to 5) in the curves")
+    parser.add_argument("--top", type=int, default=10,
+                        help="number of runs in the top table, and in the curves plot (at most 5)")
     parser.add_argument("--csv", default=None, help="also write the whole table to this CSV file")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--list-models", action="store_true",
-                        help="print the checkpoint table of inference.py --list-models and exit")
+                        help="print the checkpoint table (the same as inference.py --list-models) and exit")
     parser.add_argument("--runs-dir", default=checkpoints.DEFAULT_RUNS_DIR, help="folder of checkpoints")
     parser.add_argument("--plots-dir", default=DEFAULT_PLOTS_DIR, help="folder of the PNG plots")
     parser.add_argument("--wandb-dir", default=None,
@@ -332,48 +333,66 @@ def write_csv(df, path):
         tmp.unlink(missing_ok=True)
 
 
+def list_models(runs_dir, metric):
+    """Print the checkpoint table (the same as inference.py --list-models); return the exit status."""
+    records = checkpoints.scan_checkpoints(runs_dir)
+    if not records:
+        print(f"no checkpoints in {runs_dir}; start a sweep with `python simple_sweep.py` or train "
+              f"one run with `python train.py`", file=sys.stderr)
+        return 1
+    print(checkpoints.models_table(records, metric))
+    return 0
+
+
+def load_table(args):
+    """Return (table, 0), or (None, exit status) after printing why there is nothing to analyse."""
+    try:
+        df = analyze_sweep_results(args.runs_dir, args.metric, None, args.wandb_dir, args.sweeps_dir)
+    except ValueError as e:
+        print(f"--metric {args.metric}: {e}", file=sys.stderr)
+        return None, 2
+    if df.empty:
+        print(f"no runs found in {args.runs_dir} or in the W&B run folders; start a sweep with "
+              f"`python simple_sweep.py` (or `wandb agent SWEEP_ID`), or train one run with `python train.py`",
+              file=sys.stderr)
+        return None, 1
+    if args.sweep is None:
+        return df, 0
+    sweeps = sorted(str(s) for s in df["sweep_id"].dropna().unique())
+    df = select_sweep(df, args.sweep)
+    if df.empty:
+        print(f"--sweep {args.sweep}: no runs of this sweep in {args.runs_dir}; sweeps found there: "
+              f"{', '.join(sweeps) or 'none (runs started without a sweep)'}", file=sys.stderr)
+        return None, 2
+    return df, 0
+
+
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     args = parse_args(argv)
     if args.list_models:
-        records = checkpoints.scan_checkpoints(args.runs_dir)
-        if not records:
-            print(f"no checkpoints in {args.runs_dir}; start a sweep with `python simple_sweep.py` or train "
-                  f"one run with `python train.py`", file=sys.stderr)
-            return 1
-        print(checkpoints.models_table(records, args.metric))
-        return 0
+        return list_models(args.runs_dir, args.metric)
+    df, status = load_table(args)
+    if df is None:
+        return status
 
+    print_report(df, args.metric, args.top, args.runs_dir + (f" (sweep {args.sweep})" if args.sweep else ""))
     try:
-        df = analyze_sweep_results(args.runs_dir, args.metric, None, args.wandb_dir, args.sweeps_dir)
-    except ValueError as e:
-        print(f"--metric {args.metric}: {e}", file=sys.stderr)
-        return 2
-    if df.empty:
-        print(f"no runs found in {args.runs_dir} or in the W&B run folders; start a sweep with "
-              f"`python simple_sweep.py` (or `wandb agent SWEEP_ID`), or train one run with `python train.py`",
+        if args.csv:
+            write_csv(df, args.csv)
+            print(f"\ntable of {len(df)} runs written to {args.csv}")
+        if not args.no_plots and not ranked_runs(df).empty:
+            import sweep_plots  # matplotlib is imported only when plots are drawn
+            saved = sweep_plots.save_plots(df, args.metric, args.plots_dir, varying_hyperparameters(df),
+                                           min(args.top, 5))
+            print("\nplots:")
+            for title, path in saved:
+                print(f"  {title}: {path}")
+    except OSError as e:
+        print(f"cannot write {e.filename}: {e.strerror}; pass another --csv or --plots-dir, or --no-plots",
               file=sys.stderr)
         return 1
-    if args.sweep is not None:
-        sweeps = sorted(str(s) for s in df["sweep_id"].dropna().unique())
-        df = select_sweep(df, args.sweep)
-        if df.empty:
-            print(f"--sweep {args.sweep}: no runs of this sweep in {args.runs_dir}; sweeps found there: "
-                  f"{', '.join(sweeps) or 'none (runs started without a sweep)'}", file=sys.stderr)
-            return 2
-
-    source = args.runs_dir + (f" (sweep {args.sweep})" if args.sweep else "")
-    print_report(df, args.metric, args.top, source)
-    if args.csv:
-        write_csv(df, args.csv)
-        print(f"\ntable of {len(df)} runs written to {args.csv}")
-    if not args.no_plots and not ranked_runs(df).empty:
-        import sweep_plots
-        print("\nplots:")
-        saved = sweep_plots.save_plots(df, args.metric, args.plots_dir, varying_hyperparameters(df), min(args.top, 5))
-        for title, path in saved:
-            print(f"  {title}: {path}")
     return 0
 
 

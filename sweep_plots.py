@@ -50,7 +50,7 @@ def color_map(values):
 
 
 def plot_metric_vs_lr(df, metric, path):
-    """Metric against learning rate (log axis): colour = optimizer, marker = scheduler, star = best.
+    """Plot the metric against the learning rate (log axis): colour = optimizer, marker = scheduler, star = best.
 
     Runs that have a learning rate but no value (failed, diverged, incomplete) are drawn as
     grey crosses along the bottom edge, which shows where training breaks down.
@@ -80,7 +80,7 @@ def plot_metric_vs_lr(df, metric, path):
 
 
 def plot_metric_by_group(df, metric, path):
-    """Box plots of the metric per optimizer and per scheduler, every run drawn as a dot."""
+    """Draw box plots of the metric per optimizer and per scheduler, every run drawn as a dot."""
     runs = ranked_runs(df)
     fig = Figure(figsize=(10, 4.5))
     axes = fig.subplots(1, 2, sharey=True)
@@ -106,7 +106,10 @@ def axis_positions(values, log):
         scaled = np.log10(numbers) if log else numbers
         low, high = np.nanmin(scaled), np.nanmax(scaled)
         span = (high - low) or 1.0
-        ticks = [(0.0, f"{numbers[np.nanargmin(scaled)]:.3g}"), (1.0, f"{numbers[np.nanargmax(scaled)]:.3g}")]
+        # Label every value when there are few of them (a grid sweep), else five even steps.
+        distinct = np.unique(scaled[~np.isnan(scaled)])
+        marks = distinct if len(distinct) <= 6 else np.linspace(low, high, 5)
+        ticks = [((m - low) / span, f"{10 ** m if log else m:.3g}") for m in marks]
         return (scaled - low) / span, ticks
     labels = sorted(values.astype(str).unique())
     step = 1.0 / max(len(labels) - 1, 1)
@@ -115,7 +118,7 @@ def axis_positions(values, log):
 
 
 def plot_parallel_coordinates(df, metric, columns, path):
-    """One vertical axis per varying hyperparameter plus the metric; one line per ranked run.
+    """Draw one vertical axis per varying hyperparameter plus the metric, and one line per ranked run.
 
     pandas.plotting.parallel_coordinates puts every column on one shared scale, so a learning
     rate of 1e-4 next to a batch size of 64 becomes a flat line. Here each axis is scaled to its
@@ -130,21 +133,27 @@ def plot_parallel_coordinates(df, metric, columns, path):
     ax = fig.add_subplot()
     cmap = colormaps["viridis" if checkpoints.metric_goal(metric) == "maximize" else "viridis_r"]
     values = runs[metric].to_numpy(float)
-    norm_values = axes_data[-1][0]
+    # With many runs a few outliers would squeeze every other colour together, so the colour
+    # scale spans the 5th to 95th percentile and values outside it get the end colours.
+    clipped = len(values) >= 20
+    low, high = np.nanpercentile(values, [5, 95]) if clipped else (np.nanmin(values), np.nanmax(values))
+    norm = Normalize(low, high, clip=True)
+    alpha = 0.7 if len(runs) < 50 else 0.35
     x = np.arange(len(columns) + 1)
     for i in range(len(runs))[::-1]:  # best run last, so it is drawn on top
         y = [positions[i] for positions, _ in axes_data]
-        ax.plot(x, y, color="red" if i == 0 else cmap(norm_values[i]), linewidth=3 if i == 0 else 1.2,
-                alpha=1.0 if i == 0 else 0.7, zorder=3 if i == 0 else 2)
+        ax.plot(x, y, color="red" if i == 0 else cmap(norm(values[i])), linewidth=3 if i == 0 else 1.2,
+                alpha=1.0 if i == 0 else alpha, zorder=3 if i == 0 else 2)
     for xi, (_, ticks) in zip(x, axes_data):
         ax.axvline(xi, color="black", linewidth=0.8)
         for position, label in ticks:
-            ax.text(xi + 0.04, position, label, fontsize=8, va="center", ha="left")
+            ax.text(xi + 0.04, position, label, fontsize=8, va="center", ha="left", zorder=4,
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none", "pad": 1})
     ax.set_xticks(x, [*(f"{c}\n(log)" if c == "learning_rate" else c for c in columns), metric])
     ax.set_yticks([])
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlim(-0.2, len(columns) + 0.6)
-    colorbar = fig.colorbar(ScalarMappable(Normalize(np.nanmin(values), np.nanmax(values)), cmap), ax=ax, pad=0.02)
+    colorbar = fig.colorbar(ScalarMappable(norm, cmap), ax=ax, pad=0.02, extend="both" if clipped else "neither")
     colorbar.set_label(goal_label(metric))
     ax.legend([Line2D([0], [0], color="red", linewidth=3)], [f"best run {runs.iloc[0]['run_id']}"],
               loc="upper left", bbox_to_anchor=(0, -0.12), fontsize=8)
@@ -158,7 +167,7 @@ def history_series(history, key):
 
 
 def plot_curves(df, metric, path, count):
-    """Training and validation curves of the best `count` runs, from their checkpoints' history.
+    """Plot the training and validation curves of the best `count` runs, from their checkpoints' history.
 
     Left: train/loss (solid) and val/loss (dashed); right: the ranking metric, or val/cider
     when ranking by val/loss. Returns None when none of the runs has a history.
@@ -174,7 +183,8 @@ def plot_curves(df, metric, path, count):
             history = checkpoints.read_summary(run["path"]).get("history") or []
         except (OSError, ValueError):
             continue
-        label = f"#{run['rank']} {run['run_id']} ({run['optimizer']}, lr {run['learning_rate']:.2g}, {run['scheduler']})"
+        label = (f"#{run['rank']} {run['run_id']} ({run['optimizer']}, lr {run['learning_rate']:.2g}, "
+                 f"{run['scheduler']})")
         color = colors(i % 10)
         loss_ax.plot(*history_series(history, "train/loss"), color=color, label=label)
         loss_ax.plot(*history_series(history, "val/loss"), "--o", color=color, markersize=3)
@@ -184,7 +194,7 @@ def plot_curves(df, metric, path, count):
         return None
     loss_ax.set_title("training (solid) and validation (dashed) loss")
     loss_ax.set_ylabel("cross-entropy loss (nats per token)")
-    score_ax.set_title(f"validation {score}")
+    score_ax.set_title(f"{score} at each validation")
     score_ax.set_ylabel(goal_label(score))
     for ax in (loss_ax, score_ax):
         ax.set_xlabel("optimizer step")

@@ -318,6 +318,16 @@ def test_cli_invalid_option(sweep_workdir, args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_csv_unwritable(sweep_workdir):
+    (sweep_workdir / "a_file").write_text("not a folder")
+    result = run_script("analyze_sweep_results.py", ["--no-plots", "--csv", "a_file/runs.csv"], sweep_workdir)
+    assert result.returncode == 1
+    assert "cannot write" in result.stderr
+    assert "a_file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (sweep_workdir / "a_file").read_text() == "not a folder"
+
+
 def test_cli_no_runs(tmp_path):
     result = run_script("analyze_sweep_results.py", [], tmp_path)
     assert result.returncode == 1
