@@ -312,7 +312,7 @@ def parse_args(argv=None):
     parser.add_argument("--runs-dir", default=checkpoints.DEFAULT_RUNS_DIR, help="folder of checkpoints")
     parser.add_argument("--plots-dir", default=DEFAULT_PLOTS_DIR, help="folder of the PNG plots")
     parser.add_argument("--wandb-dir", default=None,
-                        help="folder of W&B run folders (default: $WANDB_DIR/wandb, else ./wandb)")
+                        help="folder of W&B run folders (None = $WANDB_DIR/wandb, or ./wandb without WANDB_DIR)")
     parser.add_argument("--sweeps-dir", default=sweep_sources.DEFAULT_SWEEPS_DIR,
                         help="folder of the local sweep database")
     args = parser.parse_args(argv)
