@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 import training  # noqa: E402
-from data_pipeline import train_batches  # noqa: E402
+from data_pipeline import prefetch, train_batches  # noqa: E402
 from model import caption_loss  # noqa: E402
 
 
@@ -52,8 +52,9 @@ def main():
     model.train()
     optimizer = training.make_optimizer(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = train_batches(train_inputs, config["batch_size"], 1, 0, config["seed"])
-    in_memory = [train_inputs.caption_batch(next(batches)[1]) for _ in range(args.block_steps)]
+    indices = train_batches(train_inputs, config["batch_size"], 1, 0, config["seed"])
+    in_memory = [train_inputs.caption_batch(next(indices)[1]) for _ in range(args.block_steps)]
+    batches = prefetch(train_inputs.caption_batch(idx) for _, idx in indices)  # as train.py does
 
     for batch in in_memory[:3]:  # warm-up: allocator, thread pool, first-touch of pages
         step(model, optimizer, params, batch, config)
@@ -61,7 +62,7 @@ def main():
     for _ in range(args.blocks):
         start = time.perf_counter()
         for _ in range(args.block_steps):
-            step(model, optimizer, params, train_inputs.caption_batch(next(batches)[1]), config)
+            step(model, optimizer, params, next(batches), config)
         real_time += time.perf_counter() - start
         start = time.perf_counter()
         for batch in in_memory:
