@@ -5,6 +5,8 @@ encoder, plus every caption tokenized once. Training steps then only index tenso
 
 import logging
 import math
+import queue
+import threading
 import time
 
 import numpy as np
@@ -141,3 +143,30 @@ def train_batches(split, batch_size, world_size, rank, seed, start_step=0):
             yield epoch, order[b * per_rank:(b + 1) * per_rank]
         skip = 0
         epoch += 1
+
+
+def prefetch(iterable, depth=2):
+    """Iterate over `iterable` in a background thread, `depth` items ahead of the consumer.
+
+    Batch assembly (index the cache, convert to float, slice the captions) then overlaps the
+    previous step's forward and backward, which release the GIL in torch's kernels.
+    """
+    items = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterable:
+                items.put(item)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            items.put(e)
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="batch-prefetch").start()
+    while True:
+        item = items.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

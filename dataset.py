@@ -21,13 +21,14 @@ import os
 import random
 import re
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile, ImageOps
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -480,14 +481,29 @@ class CaptionTokenizer:
 
 
 def train_tokenizer(captions, vocab_size=5000, min_frequency=2):
-    """Train a lowercase WordPiece tokenizer on captions; rare words become word pieces, not [UNK]."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=50))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    """Build a lowercase WordPiece tokenizer from the training captions, deterministically.
+
+    The vocabulary is every character (alone and as a ## continuation), then the most frequent
+    words seen at least `min_frequency` times, ties broken alphabetically. Rarer words are spelled
+    in characters, so [UNK] only stands for characters never seen in training. The tokenizers
+    WordPiece trainer is not used because its vocabulary varies from process to process, which
+    would make two runs with the same seed differ.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter()
+    for caption in captions:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    chars = sorted({ch for word in counts for ch in word})
+    tokens = SPECIAL_TOKENS + chars + ["##" + ch for ch in chars]
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    budget = max(vocab_size - len(tokens), 0)
+    tokens += [word for word, n in ranked if n >= min_frequency and len(word) > 1][:budget]
+    tokenizer = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]",
+                                           max_input_chars_per_word=50))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tokenizer.train_from_iterator(captions, trainer)
     pad, unk, bos, eos = (tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
     return CaptionTokenizer(tokenizer, bos, eos, pad, unk)
 

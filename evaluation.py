@@ -22,20 +22,23 @@ def normalize_caption(text):
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
+_meteor = None  # one METEOR process per Python process: its JVM takes seconds to start
+
+
 def _meteor_score(references, hypotheses):
     """Return METEOR, or None when java or the METEOR jar does not run here."""
+    global _meteor
     if shutil.which("java") is None:
         return None
     try:
-        from pycocoevalcap.meteor.meteor import Meteor
-        scorer = Meteor()
-        try:
-            score, _ = scorer.compute_score(references, hypotheses)
-        finally:
-            del scorer
+        if _meteor is None:
+            from pycocoevalcap.meteor.meteor import Meteor
+            _meteor = Meteor()
+        score, _ = _meteor.compute_score(references, hypotheses)
         return float(score)
-    except (OSError, ValueError, BrokenPipeError) as e:
+    except (OSError, ValueError) as e:
         log.warning("METEOR skipped: %s", e)
+        _meteor = None
         return None
 
 

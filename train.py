@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import training
-from data_pipeline import train_batches
+from data_pipeline import prefetch, train_batches
 from dataset import DataError
 from model import CheckpointError, caption_loss, save_checkpoint
 
@@ -46,6 +46,7 @@ SETTINGS = [
     ("max_train_samples", None, int, "use at most this many training images (None = all)"),
     ("max_val_samples", None, int, "use at most this many validation images (None = all)"),
     ("eval_max_images", 500, int, "validation images captioned and scored at each evaluation"),
+    ("meteor", True, bool, "also score METEOR when java is installed (its JVM adds about 10 s per run)"),
     # model
     ("encoder", "efficientnet_lite0", str, "efficientnet_lite0 | tiny_cnn | a transformers vision model name"),
     ("freeze_encoder", True, bool, "keep the encoder fixed and cache its features once (much faster on CPU)"),
@@ -230,8 +231,7 @@ def train(config, run, ctx, stop, resume_state=None):
     scheduler = training.make_scheduler(optimizer, config, total_steps)
     autocast, precision = training.autocast_factory(config["precision"], ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
-    run_id = resume_state["run_id"] if resume_state else (run.id if run.settings.mode != "disabled" else
-                                                          training.new_run_id())
+    run_id = training.resolve_run_id(run, resume_state)
     state = RunState(config, run_id, model, tokenizer, data_stats)
     if resume_state is not None:
         restore_resume_state(state, resume_state, optimizer, scheduler, scaler)
@@ -241,8 +241,8 @@ def train(config, run, ctx, stop, resume_state=None):
     params = [p for p in model.parameters() if p.requires_grad]
     path = training.checkpoint_path(config, run_id)
     resume_path = os.path.join(config["resume_dir"], f"{run_id}.pt")
-    batches = train_batches(train_inputs, config["batch_size"], ctx.world_size, ctx.rank, config["seed"],
-                            state.step)
+    indices = train_batches(train_inputs, config["batch_size"], ctx.world_size, ctx.rank, config["seed"], state.step)
+    batches = prefetch(train_inputs.caption_batch(idx) for _, idx in indices)
     if ctx.is_main:
         log.info("run %s: %d steps of %d captions, %.2fM trainable parameters, %s, %s%s", run_id, total_steps,
                  config["batch_size"], sum(p.numel() for p in params) / 1e6, ctx.device, precision,
@@ -261,8 +261,7 @@ def train(config, run, ctx, stop, resume_state=None):
             return "preempted"
 
         # forward, backward
-        _, idx = next(batches)
-        inputs, input_ids, attention_mask, targets = train_inputs.caption_batch(idx)
+        inputs, input_ids, attention_mask, targets = next(batches)
         inputs = {k: v.to(ctx.device, non_blocking=True) for k, v in inputs.items()}
         with autocast():
             logits = net(input_ids.to(ctx.device), attention_mask.to(ctx.device), **inputs)  # (B, L, V)

@@ -8,6 +8,8 @@ import logging
 import math
 import netrc
 import os
+import secrets
+import string
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -138,9 +140,18 @@ def init_wandb(config, ctx, resume_state=None):
 
 
 def new_run_id():
-    """A W&B-style run id for runs with W&B disabled."""
-    from wandb.util import generate_id
-    return generate_id()
+    """A W&B-style run id (8 lowercase letters and digits) for processes without a W&B run."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def resolve_run_id(run, resume_state):
+    """The run id names the checkpoint: the resumed run's, W&B's, WANDB_RUN_ID, or a new one."""
+    if resume_state is not None:
+        return resume_state["run_id"]
+    if run.settings.mode != "disabled":
+        return run.id
+    return os.environ.get("WANDB_RUN_ID") or new_run_id()
 
 
 def samples_table(samples):
@@ -224,7 +235,7 @@ def evaluate(model, tokenizer, val, config, ctx, autocast):
     hypotheses = generate_captions(model, tokenizer, val.image_batches(rows, 64),
                                    generation_options(decoding_defaults(config)), ctx.device, autocast)
     references = {r: val.references[r] for r in rows}
-    scores = score_captions(references, dict(zip(rows, hypotheses)))
+    scores = score_captions(references, dict(zip(rows, hypotheses)), meteor=config["meteor"])
     metrics.update({f"val/{k}": v for k, v in scores.items()})
     metrics.update({f"val/{k}": v for k, v in caption_statistics(hypotheses).items()})
     samples = [{"image": os.path.basename(val.names[r]), "caption": h, "reference": val.references[r][0]}
