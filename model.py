@@ -314,8 +314,8 @@ def read_checkpoint(path, device="cpu", mmap=False):
     # torch.save has written zip archives since PyTorch 1.6. Anything else (an empty, truncated or text
     # file) would reach torch's legacy loader, which raises KeyError or IndexError or a misleading message.
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} is not a zip archive written by torch.save: it is empty, "
-                              f"truncated, corrupt or not a checkpoint; delete it or retrain the run")
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: it is not a zip archive as written "
+                              f"by torch.save (an empty, cut-off or other file); delete it or retrain the run")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
