@@ -1,8 +1,8 @@
 """Time inference.py: --list-models over many checkpoints, and one call on N images against N calls.
 
-    python bench/bench_inference.py saved_models/sweep_runs/model_sweep_ID.pth --checkpoints 1000 --images 64
+    python bench/inference_speed.py saved_models/sweep_runs/model_sweep_ID.pth --checkpoints 1000 --images 64
 A quick run (75 s on a busy 2-core CPU):
-    python bench/bench_inference.py CHECKPOINT --checkpoints 200 --images 4
+    python bench/inference_speed.py CHECKPOINT --checkpoints 200 --images 4
 
 The many-checkpoint folder is made of hard links to one checkpoint, each with its own JSON
 summary, so it costs almost no disk. Every number is wall time of a real subprocess, process
