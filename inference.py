@@ -249,7 +249,7 @@ def load_for_command(args, checkpoint_arg):
     """Choose the checkpoint, load it on the device, resolve decoding and seed the sampler."""
     from model import load_checkpoint
     from transformers.utils import logging as transformers_logging
-    transformers_logging.set_verbosity_error()  # keep generate()'s advice about padding out of the output
+    transformers_logging.set_verbosity_error()  # keep transformers warnings (padding advice) out of the output
     device = resolve_device(args.device)
     path, chosen = choose_checkpoint(checkpoint_arg, args.runs_dir, args.metric)
     model, tokenizer, checkpoint = load_checkpoint(path, device)
