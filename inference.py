@@ -350,7 +350,8 @@ def build_parser():
                              f"caption scores ({', '.join(m for m in TABLE_METRICS if m != 'val/loss')}) maximised "
                              "(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="images captioned per forward pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="images captioned per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:1 | mps")
 
     mode = parser.add_mutually_exclusive_group()
@@ -359,7 +360,8 @@ def build_parser():
                       help="caption and score a split of DATA ('builtin' or a dataset path, see dataset.py)")
 
     evaluate = parser.add_argument_group("--evaluate")
-    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"), help="split to score (default: %(default)s)")
+    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"),
+                          help="split to score (default: %(default)s)")
     evaluate.add_argument("--max-images", type=positive_int, help="score only the split's first N images")
     evaluate.add_argument("--output", help=f"JSON file of every caption (default: {EVALUATIONS_DIR}/"
                                            f"CHECKPOINT_SPLIT.json)")
