@@ -30,7 +30,7 @@ from scipy import stats
 
 import checkpoints
 import sweep_sources
-from model import CheckpointError
+from checkpoints import CheckpointError
 
 log = logging.getLogger("analyze")
 

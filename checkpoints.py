@@ -1,6 +1,6 @@
 """Find, summarise and rank the run checkpoints in saved_models/sweep_runs without loading weights.
 
-inference.py and analyze_sweep_results.py share this module, so both pick the same best
+This module imports no torch, so that listing checkpoints starts fast. inference.py and analyze_sweep_results.py share this module, so both pick the same best
 model. A checkpoint's summary comes from the JSON file train.py writes beside it; when that
 file is missing or older than the checkpoint, the checkpoint itself is read memory-mapped
 (weights_only), which touches only its small metadata record.
@@ -11,10 +11,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model import CheckpointError, FORMAT_VERSION
-
+FORMAT_VERSION = 1  # of the checkpoint dict written by train.py; bump when a key changes meaning
 DEFAULT_RUNS_DIR = "saved_models/sweep_runs"
 SELECTABLE_STATUS = "completed"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, unsafe or incompatible; the message names the file."""
 
 
 def metric_goal(metric):
@@ -60,8 +63,13 @@ def read_summary(path):
             return summary
     except (OSError, ValueError):
         pass
-    from model import read_checkpoint_metadata
-    return read_checkpoint_metadata(path)
+    from model import read_checkpoint_metadata, write_summary
+    summary = read_checkpoint_metadata(path)
+    try:
+        write_summary(path)  # so that the next scan reads the JSON file instead
+    except OSError:
+        pass  # a read-only folder: listing still works, only slower
+    return summary
 
 
 def load_record(path):

@@ -33,16 +33,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from captioning import iter_captions
+# torch, transformers and the model code are imported where they are used, so that
+# --list-models starts without them.
 from checkpoints import DEFAULT_RUNS_DIR, TABLE_METRICS, best_checkpoint_path, best_record, metric_goal
 from checkpoints import models_table, rank_records, scan_checkpoints
-from dataset import DataError, image_to_array, open_image, to_rgb
-from evaluation import generation_options
-from model import CheckpointError
-from training import decoding_defaults
 
 __all__ = ["best_checkpoint_path", "caption_images", "decoding_options", "load_pixels"]
 
@@ -61,6 +57,8 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
     --top-k or --temperature turn sampling on; --num-beams alone turns it off (plain beam search);
     greedy means one beam and no sampling. max_length counts tokens including [BOS].
     """
+    from evaluation import generation_options
+    from training import decoding_defaults
     sampling_given = top_k is not None or temperature is not None
     if greedy and (sampling_given or (num_beams or 1) > 1):
         raise ValueError("--greedy cannot be combined with --top-k, --temperature or --num-beams above 1")
@@ -93,6 +91,7 @@ def load_pixels(image, image_size):
     Paths go through dataset.open_image (EXIF rotation, alpha on white, 16-bit rescaled).
     A PIL image is used as given: only its mode is converted, EXIF orientation is not applied.
     """
+    from dataset import image_to_array, open_image, to_rgb
     img = to_rgb(image) if isinstance(image, Image.Image) else open_image(image)
     return image_to_array(img, image_size)
 
@@ -104,6 +103,8 @@ def caption_images(model, tokenizer, checkpoint, images, batch_size=32, seed=Non
     seed (default: the run's seed) makes sampled captions repeatable for the same images and batch size.
     Raises OSError naming the first image that cannot be read, ValueError for invalid options.
     """
+    import torch
+    from captioning import iter_captions
     options = decoding_options(checkpoint, model, **decoding)
     preprocessing = checkpoint["preprocessing"]
     torch.manual_seed(checkpoint["config"].get("seed", 0) if seed is None else seed)
@@ -186,6 +187,7 @@ def describe_checkpoint(path, chosen, checkpoint, metric):
 
 def resolve_device(name):
     """CUDA, then Apple MPS, then CPU for 'auto'; raise ValueError for a device this machine lacks."""
+    import torch
     from training import resolve_device as auto_device
     try:
         device = auto_device(name)
@@ -236,7 +238,7 @@ def list_models(args):
 @dataclass
 class LoadedCheckpoint:
     """A checkpoint ready to caption with: the model, its tokenizer and the resolved decoding."""
-    model: torch.nn.Module
+    model: object     # model.ImageCaptioner
     tokenizer: object
     checkpoint: dict
     path: str
@@ -247,6 +249,7 @@ class LoadedCheckpoint:
 
 def load_for_command(args, checkpoint_arg):
     """Choose the checkpoint, load it on the device, resolve decoding and seed the sampler."""
+    import torch
     from model import load_checkpoint
     from transformers.utils import logging as transformers_logging
     transformers_logging.set_verbosity_error()  # keep transformers warnings (padding advice) out of the output
@@ -263,6 +266,7 @@ def load_for_command(args, checkpoint_arg):
 
 def caption_command(args, image_args, checkpoint_arg):
     """Caption every image argument; print one line per image, or one JSON document."""
+    from captioning import iter_captions
     images, errors = expand_inputs(image_args)
     if not images:
         for argument, message in errors:
@@ -397,7 +401,7 @@ def main(argv=None):
                 raise ValueError(f"--evaluate scores a dataset split and takes no images (got {images[0]})")
             return evaluate_command(args, checkpoint_arg)
         return caption_command(args, images, checkpoint_arg)
-    except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError and DataError are ValueErrors
         report_error(str(e).replace("\n", " "))
         return EXIT_INVALID
 

@@ -14,6 +14,7 @@ Decoders (--decoder):
     python -c "import model; print(model.load_checkpoint('saved_models/sweep_runs/x.pth', 'cpu')[2]['metrics'])"
 """
 
+import json
 import logging
 import os
 import re
@@ -25,9 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import FORMAT_VERSION, CheckpointError  # noqa: F401 (re-exported for the scripts)
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "encoder_state_dict", "decoder_state_dict", "optimizer_state_dict",
                  "config", "model_config", "tokenizer", "preprocessing", "final_train_loss",
                  "total_steps", "wandb_run_id", "metadata")
@@ -39,10 +41,6 @@ ENCODER_PRESETS = {
                            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
     "tiny_cnn": {"kind": "tiny_cnn", "image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, unsafe or incompatible; the message names the file."""
 
 
 # --------------------------------------------------------------------------------------
@@ -343,6 +341,22 @@ def read_checkpoint(path, device="cpu", mmap=False):
 def read_checkpoint_metadata(path):
     """Return a checkpoint's JSON-able metadata dict without reading its weights."""
     return read_checkpoint(path, "cpu", mmap=True)["metadata"]
+
+
+def write_summary(path, metadata=None):
+    """Write the JSON summary beside a checkpoint: its metadata plus the file's size and mtime.
+
+    Scanners trust the summary only while size and mtime still match the checkpoint file.
+    """
+    path = Path(path)
+    if metadata is None:
+        metadata = read_checkpoint_metadata(path)
+    stat = path.stat()
+    summary = {**metadata, "checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns}
+    sidecar = path.with_suffix(".json")
+    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, sidecar)
 
 
 def load_checkpoint(path, device="cpu"):

@@ -7,7 +7,6 @@ and renamed, so an interrupted run leaves no half-written PNG.
     python analyze_sweep_results.py   # calls save_plots(table, metric, out_dir, hyperparameters)
 """
 
-import math
 import os
 from pathlib import Path
 

@@ -3,7 +3,6 @@ validation, checkpoints and preemption-safe resume. train.py holds the settings 
 """
 
 import copy
-import json
 import logging
 import math
 import netrc
@@ -19,11 +18,11 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 
-from data_pipeline import prepare_split, train_batches
+from data_pipeline import prepare_split
 from dataset import CaptionTokenizer, DataError, load_captions, pretrained_tokenizer, split_indices, train_tokenizer
 from evaluation import caption_statistics, generate_captions, generation_options, score_captions
 from model import (FORMAT_VERSION, CheckpointError, build_model, caption_loss, make_model_config, minilm_path,
-                   save_checkpoint)
+                   save_checkpoint, write_summary)
 
 log = logging.getLogger("train")
 
@@ -261,12 +260,7 @@ def checkpoint_path(config, run_id):
 def write_run_files(path, checkpoint):
     """Write the checkpoint, then its JSON summary (read by --list-models without loading weights)."""
     save_checkpoint(path, checkpoint)
-    stat = path.stat()
-    summary = {**checkpoint["metadata"], "checkpoint_size": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns}
-    sidecar = path.with_suffix(".json")
-    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, sidecar)
+    write_summary(path, checkpoint["metadata"])
 
 
 def find_resume_state(config):
