@@ -99,6 +99,6 @@ def generate_captions(model, tokenizer, batches, options, device, autocast=None)
     for batch in batches:
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast() if autocast else torch.autocast(device_type="cpu", enabled=False):
-            ids = model.generate(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, **inputs, **options)
+            ids = model.generate(tokenizer, **inputs, **options)
         captions.extend(tokenizer.decode(ids.cpu()))
     return captions

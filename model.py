@@ -209,17 +209,24 @@ class ImageCaptioner(nn.Module):
         return out.logits
 
     @torch.no_grad()
-    def generate(self, bos_id, eos_id, pad_id, pixel_values=None, features=None, max_length=32, **kwargs):
-        """Decode captions with transformers' generate(); kwargs are its options (num_beams, top_k, ...)."""
+    def generate(self, tokenizer, pixel_values=None, features=None, max_length=32, **kwargs):
+        """Decode captions (B, <= max_length) with transformers' generate(); kwargs are its options.
+
+        [BOS], [PAD] and [UNK] are never generated: label smoothing gives them a little
+        probability, which sampling would otherwise pick now and then.
+        """
         image = self.encode(pixel_values, features)
-        input_ids = torch.full((image.shape[0], 1), bos_id, dtype=torch.long, device=image.device)
+        input_ids = torch.full((image.shape[0], 1), tokenizer.bos_id, dtype=torch.long, device=image.device)
         if self.model_config["decoder_kind"] == "bert":
             # BERT's cross-attention cache must be an EncoderDecoderCache in transformers 5.
             from transformers import DynamicCache, EncoderDecoderCache
             kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        suppressed = [i for i in (tokenizer.bos_id, tokenizer.pad_id, tokenizer.unk_id)
+                      if i is not None and i != tokenizer.eos_id]
         return self.decoder.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     encoder_hidden_states=image, max_length=max_length, bos_token_id=bos_id,
-                                     eos_token_id=eos_id, pad_token_id=pad_id, **kwargs)
+                                     encoder_hidden_states=image, max_length=max_length,
+                                     bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                     pad_token_id=tokenizer.pad_id, suppress_tokens=suppressed, **kwargs)
 
 
 def caption_loss(logits, targets, label_smoothing=0.0):

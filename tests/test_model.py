@@ -57,7 +57,7 @@ def test_generate_options(tokenizer, options):
     model = build_model(make_model_config(tiny_config(), tokenizer), pretrained=False).eval()
     pixels = torch.randn(3, 3, 64, 64)
     decoding = {"max_length": 12, **options}
-    ids = model.generate(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, pixel_values=pixels,
+    ids = model.generate(tokenizer, pixel_values=pixels,
                          **generation_options(decoding))
     assert ids.shape[0] == 3 and ids.shape[1] <= 12
     assert (ids[:, 0] == tokenizer.bos_id).all()
@@ -69,8 +69,8 @@ def test_beam_search_follows_each_image(tokenizer):
     model = build_model(make_model_config(tiny_config(), tokenizer), pretrained=False).eval()
     pixels = torch.randn(3, 3, 64, 64)
     options = generation_options({"max_length": 12, "num_beams": 3, "do_sample": False})
-    batched = model.generate(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, pixel_values=pixels, **options)
-    single = model.generate(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, pixel_values=pixels[1:2],
+    batched = model.generate(tokenizer, pixel_values=pixels, **options)
+    single = model.generate(tokenizer, pixel_values=pixels[1:2],
                             **options)
     assert tokenizer.decode(batched[1:2]) == tokenizer.decode(single)
 
@@ -113,7 +113,7 @@ def test_hub_encoder_and_decoder_by_name(tmp_path, hub_models):
     import shutil
     shutil.rmtree(hub_models / "vit")
     model, tokenizer, _ = load_checkpoint(path, "cpu")
-    ids = model.generate(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+    ids = model.generate(tokenizer,
                          pixel_values=torch.zeros(1, 3, 32, 32), max_length=8)
     assert ids.shape[0] == 1
     assert any(n.startswith("decoder.") and "crossattention" in n for n in checkpoint["model_config"][
@@ -148,3 +148,18 @@ def test_read_checkpoint_errors(tmp_path):
     (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 only a few bytes")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_checkpoint(tmp_path / "truncated.pth")
+
+
+def test_sampling_never_emits_special_tokens(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(make_model_config(tiny_config(), tokenizer), pretrained=False).eval()
+    options = generation_options({"max_length": 16, "do_sample": True, "top_k": tokenizer.vocab_size,
+                                  "temperature": 5.0})
+    ids = model.generate(tokenizer, pixel_values=torch.randn(16, 3, 64, 64), **options)
+    generated = ids[:, 1:]
+    for token in (tokenizer.bos_id, tokenizer.unk_id):
+        assert not (generated == token).any()
+    # [PAD] only fills the tail after a caption's [EOS]
+    for row in generated.tolist():
+        if tokenizer.pad_id in row:
+            assert tokenizer.eos_id in row[:row.index(tokenizer.pad_id)]

@@ -50,7 +50,7 @@ def test_checkpoint_reloads_and_captions(tiny_checkpoint):
     pixels = torch.from_numpy(dataset.image_to_array(img, size))[None]
     pixels = dataset.normalize_images(pixels, checkpoint["preprocessing"]["mean"], checkpoint["preprocessing"]["std"])
     options = generation_options(checkpoint["decoding"], do_sample=False)
-    ids = model.generate(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, pixel_values=pixels, **options)
+    ids = model.generate(tokenizer, pixel_values=pixels, **options)
     caption = tokenizer.decode(ids)[0]
     assert caption and len(caption.split()) < checkpoint["decoding"]["max_length"]
 
@@ -91,7 +91,7 @@ def test_overfit_one_batch_exactly():
         loss.backward()
         optimizer.step()
     model.eval()
-    out = model.generate(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, pixel_values=pixels, max_length=24)
+    out = model.generate(tokenizer, pixel_values=pixels, max_length=24)
     assert tokenizer.decode(out) == [c.lower() for c in captions]
 
 
