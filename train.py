@@ -159,7 +159,7 @@ def validate_config(config):
 
 @dataclass
 class RunState:
-    """What the loop tracks and what checkpoints and resumable states are made of."""
+    """Progress of one run: the state that checkpoints and resumable states are built from."""
     config: dict
     run_id: str
     model: torch.nn.Module
@@ -349,7 +349,7 @@ def main(argv=None):
         log.error("%s", e)
         return 2
 
-    # SIGTERM (cluster preemption, spot shutdown) asks the loop to save a resumable state and exit.
+    # On SIGTERM (cluster preemption, spot shutdown) the loop saves a resumable state and exits.
     stop = training.StopFlag()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
 

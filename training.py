@@ -1,5 +1,5 @@
-"""The training loop of train.py and what it needs: devices and DDP, W&B, the optimizer,
-validation, checkpoints and preemption-safe resume. train.py holds the settings and main().
+"""Helpers of the training loop in train.py: devices and DDP, W&B, the optimizer, validation,
+checkpoints and preemption-safe resume. train.py contains the settings, the loop and main().
 """
 
 import copy
@@ -139,13 +139,13 @@ def init_wandb(config, ctx, resume_state=None):
 
 
 def new_run_id():
-    """A W&B-style run id (8 lowercase letters and digits) for processes without a W&B run."""
+    """Generate a W&B-style run id (8 lowercase letters and digits) for processes without a W&B run."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def resolve_run_id(run, resume_state):
-    """The run id names the checkpoint: the resumed run's, W&B's, WANDB_RUN_ID, or a new one."""
+    """Return the id that names the checkpoint: the resumed run's, W&B's, WANDB_RUN_ID, or a new one."""
     if resume_state is not None:
         return resume_state["run_id"]
     if run.settings.mode != "disabled":
@@ -171,7 +171,7 @@ def finish_wandb(run, exit_code=0, preempting=False):
 # Model, optimizer, schedule
 
 def make_tokenizer(config, train_captions):
-    """The caption tokenizer: trained on the training captions, or the pretrained decoder's own."""
+    """Return the caption tokenizer: trained on the training captions, or the pretrained decoder's own."""
     if config["decoder"] == "transformer":
         return train_tokenizer(train_captions, vocab_size=config["vocab_size"])
     from transformers import AutoTokenizer
