@@ -234,7 +234,9 @@ def wandb_history(run_id, metric, wandb_dir):
                 record = json.loads(line)
             except ValueError:
                 continue
-            row = (record.get("history") or {}).get("item") or {} if record.get("type") == "history" else {}
+            if record.get("type") != "history":
+                continue
+            row = (record.get("history") or {}).get("item") or {}
             if metric in row:
                 history.append({"_step": row.get("_step"), metric: row[metric]})
     return history

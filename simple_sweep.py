@@ -124,17 +124,22 @@ def run_online(args, config):
     entity = args.entity or config.get("entity")
     try:
         sweep_id = wandb.sweep(config, project=project, entity=entity)
-        entity = entity or wandb.Api().default_entity
     except (wandb.errors.Error, OSError) as e:
         print(f"error: registering the sweep with W&B failed ({str(e).splitlines()[0]}); check the network "
               f"and `wandb login`, or run the sweep on this machine with --local", file=sys.stderr)
         return 1
+    if entity is None:
+        try:
+            entity = wandb.Api().default_entity
+        except (wandb.errors.Error, OSError):
+            pass  # the printed command then names only the project, and W&B uses the default entity
     print(f"Registered W&B sweep {sweep_id}. Start agents on any machine with:")
     print(f"    {agent_command(sweep_id, project, entity)}")
     if not confirm_start(args):
         return 0
     kwargs = {"entity": entity, "project": project, "count": args.count}
-    if "max_consecutive_failed_runs" in inspect.signature(wandb.agent).parameters:  # wandb 0.19 and later
+    # wandb 0.31 stops its agent after this many failed runs in a row; older versions lack the option
+    if "max_consecutive_failed_runs" in inspect.signature(wandb.agent).parameters:
         kwargs["max_consecutive_failed_runs"] = args.max_failures
     wandb.agent(sweep_id, **kwargs)
     return 0

@@ -28,7 +28,7 @@ from local_sweep import (FAILED_STATES, SweepStore, process_token, read_results,
 
 log = logging.getLogger("sweep_agent")
 
-MAX_FAILURES = 3    # consecutive failed runs that stop an agent; W&B's agent stops after 3 quick failures
+MAX_FAILURES = 3    # consecutive failed runs that stop an agent; wandb 0.31's agent stops after 3 in its first 60 s
 POLL_S = 10         # seconds between hyperband checks of a running trial; each check reads its W&B files
 TAIL_LINES = 20     # lines of a failed trial's output kept as its error tail
 PREEMPTED_CODES = (143, -signal.SIGTERM)  # train.py's exit after SIGTERM, or death by an unhandled SIGTERM
@@ -112,8 +112,11 @@ class Agent:
         if self.proc is not None and self.proc.poll() is None:
             if self.interrupts == 1:
                 self.proc.send_signal(signal.SIGTERM)
-            else:
+                return
+            try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # the trial ended in the meantime
 
     def run(self, count=None, max_failures=MAX_FAILURES):
         """Run up to `count` trials (None: until the sweep is done); return the exit status."""
@@ -201,8 +204,8 @@ class Agent:
         """Publish the run's metric history so far and ask the engine whether to stop it."""
         history = wandb_history(run.run_id, self.metric, self.wandb_dir)
         if history is None:
-            # NOTE: without `wandb leet` (wandb before 0.31) only the checkpoint summary has a history,
-            # and train.py rewrites it only when validation improves, so stops come later.
+            # NOTE: where `wandb leet inspect` is missing (older wandb), only the checkpoint summary has a
+            # history, and train.py rewrites it only when validation improves, so stops come later.
             history = read_results(run.run_id, run.params, self.metric)[2]
         with self.store.transaction():
             self.store.update_run(run.run_id, history=history)

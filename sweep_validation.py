@@ -36,7 +36,7 @@ WHOLE_TOKEN_MACROS = {"env", "interpreter", "program", "args", "args_no_equals",
 
 
 class SweepConfigError(ValueError):
-    """A sweep config file that cannot be read; the message names the file and the fix."""
+    """A sweep config that cannot be read or is invalid; each line of the message names the file and the fix."""
 
 
 def _branches(schema):
