@@ -333,9 +333,9 @@ def write_csv(df, path):
         tmp.unlink(missing_ok=True)
 
 
-def list_models(runs_dir, metric):
+def list_models(runs_dir, metric, sweeps_dir=sweep_sources.DEFAULT_SWEEPS_DIR):
     """Print the checkpoint table (the same as inference.py --list-models); return the exit status."""
-    records = checkpoints.scan_checkpoints(runs_dir)
+    records = checkpoints.scan_runs(runs_dir, sweeps_dir)
     if not records:
         print(f"no checkpoints in {runs_dir}; start a sweep with `python simple_sweep.py` or train "
               f"one run with `python train.py`", file=sys.stderr)
@@ -372,7 +372,7 @@ def main(argv=None):
     log.setLevel(logging.INFO)
     args = parse_args(argv)
     if args.list_models:
-        return list_models(args.runs_dir, args.metric)
+        return list_models(args.runs_dir, args.metric, args.sweeps_dir)
     df, status = load_table(args)
     if df is None:
         return status

@@ -13,6 +13,7 @@ from pathlib import Path
 
 FORMAT_VERSION = 1  # of the checkpoint dict written by train.py; bump when a key changes meaning
 DEFAULT_RUNS_DIR = "saved_models/sweep_runs"
+DEFAULT_SWEEPS_DIR = "saved_models/sweeps"
 SELECTABLE_STATUS = "completed"
 
 
@@ -32,6 +33,7 @@ class RunRecord:
     size: int
     mtime: float
     run_id: str = ""
+    sweep_id: str = ""
     status: str = "unreadable"
     reason: str = ""
     optimizer: str = ""
@@ -42,6 +44,7 @@ class RunRecord:
     total_steps: int = 0
     config: dict = field(default_factory=dict)
     error: str = ""
+    source: str = "checkpoint"  # or "sweep": a local sweep run that left no checkpoint
 
     def metric(self, name):
         value = self.metrics.get(name)
@@ -86,6 +89,7 @@ def load_record(path):
         record.error = f"format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
         return record
     record.run_id = meta.get("run_id", "")
+    record.sweep_id = meta.get("sweep_id") or ""
     record.status = meta.get("status", "unknown")
     record.reason = meta.get("status_reason", "")
     record.optimizer = meta.get("optimizer", "")
@@ -105,6 +109,40 @@ def scan_checkpoints(runs_dir=DEFAULT_RUNS_DIR):
         return []
     paths = sorted(p for p in runs_dir.glob("*.pth") if not p.name.startswith("."))
     return [load_record(p) for p in paths]
+
+
+def sweep_run_records(known_run_ids, sweeps_dir=DEFAULT_SWEEPS_DIR):
+    """Return RunRecords of the local sweep runs that have no checkpoint file among known_run_ids.
+
+    Those are runs that failed, crashed or were stopped before their first finite validation
+    point, or are still before it. Their `reason` is the last line of the error the sweep
+    agent recorded, and `path` is the trial's log file.
+    """
+    if not (Path(sweeps_dir) / "sweeps.db").exists():
+        return []
+    import local_sweep  # imports the sweeps engine, so only when a local sweep exists
+    records = []
+    for run in local_sweep.list_runs(state_dir=sweeps_dir):
+        if run.run_id in known_run_ids:
+            continue
+        tail = [line for line in (run.error_tail or "").splitlines() if line.strip()]
+        reason = tail[-1].strip() if tail else ("still before its first validation" if run.state == "running"
+                                                 else "no checkpoint was written")
+        history = run.history or []
+        steps = max((h.get("_step", h.get("step", 0)) or 0 for h in history), default=0)
+        records.append(RunRecord(path=run.log_path or "", size=0, mtime=run.ended or run.started or run.created or 0,
+                                 run_id=run.run_id, sweep_id=run.sweep_id, status=run.state, reason=reason,
+                                 optimizer=str(run.params.get("optimizer", "")),
+                                 learning_rate=float(run.params.get("learning_rate", float("nan"))),
+                                 scheduler=str(run.params.get("scheduler", "")), total_steps=int(steps),
+                                 config=dict(run.params), source="sweep"))
+    return records
+
+
+def scan_runs(runs_dir=DEFAULT_RUNS_DIR, sweeps_dir=DEFAULT_SWEEPS_DIR):
+    """Return the checkpoint records plus the local sweep's runs that left no checkpoint."""
+    records = scan_checkpoints(runs_dir)
+    return records + sweep_run_records({r.run_id for r in records if r.run_id}, sweeps_dir)
 
 
 def rank_records(records, metric="val/loss"):
@@ -131,6 +169,11 @@ def best_checkpoint_path(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss"):
     return best_record(runs_dir, metric).path
 
 
+def format_number(value, spec):
+    """Format a number, or "-" for a missing (NaN) one."""
+    return format(value, spec) if math.isfinite(value) else "-"
+
+
 def describe_size(num_bytes):
     return f"{num_bytes / 2**20:.1f} MB"
 
@@ -149,14 +192,19 @@ def models_table(records, metric="val/loss"):
                "size", "date", "path"]
     rows = []
     for rank, r in enumerate(rank_records(records, metric), start=1):
+        if r.source == "sweep":
+            rows.append([str(rank), r.run_id, r.optimizer, format_number(r.learning_rate, ".3g"), r.scheduler,
+                         *["-"] * len(TABLE_METRICS), "-", str(r.total_steps), f"{r.status}, no checkpoint", "-",
+                         file_date(r), f"{r.path}  ({r.reason})"])
+            continue
         if r.error:
             rows.append([str(rank), "-", "-", "-", "-", *["-"] * len(TABLE_METRICS), "-", "-", "unreadable",
                          describe_size(r.size), file_date(r), f"{r.path}  ({r.error})"])
             continue
         metrics = [f"{r.metric(m):.4f}" if math.isfinite(r.metric(m)) else "-" for m in TABLE_METRICS]
         status = r.status if r.selectable(metric) or r.status != SELECTABLE_STATUS else f"{r.status} (no {metric})"
-        rows.append([str(rank), r.run_id, r.optimizer, f"{r.learning_rate:.3g}", r.scheduler, *metrics,
-                     f"{r.final_train_loss:.4f}", str(r.total_steps), status, describe_size(r.size), file_date(r),
+        rows.append([str(rank), r.run_id, r.optimizer, format_number(r.learning_rate, ".3g"), r.scheduler, *metrics,
+                     format_number(r.final_train_loss, ".4f"), str(r.total_steps), status, describe_size(r.size), file_date(r),
                      r.path])
     widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]

@@ -37,8 +37,8 @@ from PIL import Image
 
 # torch, transformers and the model code are imported where they are used, so that
 # --list-models starts without them.
-from checkpoints import DEFAULT_RUNS_DIR, TABLE_METRICS, best_checkpoint_path, best_record, metric_goal
-from checkpoints import models_table, rank_records, scan_checkpoints
+from checkpoints import DEFAULT_RUNS_DIR, DEFAULT_SWEEPS_DIR, TABLE_METRICS, best_checkpoint_path, best_record
+from checkpoints import metric_goal, models_table, rank_records, scan_runs
 
 __all__ = ["best_checkpoint_path", "caption_images", "decoding_options", "load_pixels"]
 
@@ -220,7 +220,7 @@ def report_error(message):
 
 def list_models(args):
     """Print every checkpoint of --runs-dir, best first, from the JSON summaries."""
-    records = rank_records(scan_checkpoints(args.runs_dir), args.metric)
+    records = rank_records(scan_runs(args.runs_dir, args.sweeps_dir), args.metric)
     if args.json:
         fields = [{k: v for k, v in asdict(r).items() if k != "config"} for r in records]
         print(json.dumps(json_safe(fields), indent=1))
@@ -229,7 +229,9 @@ def list_models(args):
               f"`python simple_sweep.py`", file=sys.stderr)
         return EXIT_OK
     if not args.json:
-        print(f"{len(records)} checkpoints in {args.runs_dir}, best first by {args.metric} "
+        files = sum(1 for r in records if r.source == "checkpoint")
+        others = f" and {len(records) - files} sweep runs without one" if files < len(records) else ""
+        print(f"{files} checkpoints in {args.runs_dir}{others}, best first by {args.metric} "
               f"({metric_goal(args.metric)}):")
         print(models_table(records, args.metric))
     return EXIT_OK
@@ -349,6 +351,9 @@ def build_parser():
                              "checkpoint to use")
     parser.add_argument("--checkpoint", help="checkpoint file (default: the best completed run in --runs-dir)")
     parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="folder of run checkpoints (default: %(default)s)")
+    parser.add_argument("--sweeps-dir", default=DEFAULT_SWEEPS_DIR,
+                        help="local sweep database whose runs without a checkpoint --list-models also shows "
+                             "(default: %(default)s)")
     parser.add_argument("--metric", default="val/loss",
                         help="validation metric that picks the best run: val/loss is minimised, "
                              f"caption scores ({', '.join(m for m in TABLE_METRICS if m != 'val/loss')}) maximised "

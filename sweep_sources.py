@@ -153,16 +153,20 @@ def wandb_rows(wandb_dir, known_ids):
 # The local sweep database
 
 def sweep_database_rows(sweeps_dir=DEFAULT_SWEEPS_DIR):
-    """Return the rows of the runs the local sweep engine recorded in its SQLite database under
-    sweeps_dir; none yet.
+    """Return a row for every run the local sweep engine recorded in its database under sweeps_dir.
 
-    Each row is to carry the run's sweep_id, so that merge_rows fills in the sweep of
-    checkpoints written without one and runs that crashed before their first checkpoint appear
-    with the engine's reason.
+    merge_rows keeps the checkpoint's own row where there is one and takes only its sweep_id
+    from here; runs that left no checkpoint (failed, crashed, stopped, still running) keep
+    this row, with the agent's recorded error as the problem.
     """
-    # TODO: read the local sweep database here once its schema is fixed. Until then a run that
-    # left no checkpoint appears only through its W&B run folder, and without a sweep id.
-    return []
+    import checkpoints
+    rows = []
+    for record in checkpoints.sweep_run_records(set(), sweeps_dir):
+        rows.append({"rank": None, "run_id": record.run_id, "sweep_id": record.sweep_id,
+                     "status": record.status, "problem": record.reason, **record.config,
+                     "final_train_loss": float("nan"), "total_steps": record.total_steps, "source": "sweep_db",
+                     "path": record.path})
+    return rows
 
 
 def merge_rows(checkpoint_rows, extra_rows):
