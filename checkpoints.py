@@ -22,8 +22,8 @@ class CheckpointError(ValueError):
 
 
 def metric_goal(metric):
-    """Whether lower or higher is better: losses are minimised, caption scores maximised."""
-    return "minimize" if metric.endswith("loss") else "maximize"
+    """Return "minimize" for losses and the repeat and [UNK] rates, "maximize" for caption scores."""
+    return "minimize" if metric.endswith(("loss", "repeat3", "unk")) else "maximize"
 
 
 @dataclass

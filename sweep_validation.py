@@ -201,6 +201,9 @@ def check_metric(config, is_train):
     # train.py keeps each run's best validation point by its own --metric; the sweep must rank by the same
     kept = _fixed_value(config, "metric", train.DEFAULTS["metric"])
     kept_goal = _fixed_value(config, "metric_goal", train.DEFAULTS["metric_goal"])
+    if kept_goal == "auto":
+        from checkpoints import metric_goal
+        kept_goal = metric_goal(kept)
     if name.startswith("val/") and (kept, kept_goal) != (name, goal):
         problems.append(f"metric: the sweep ranks runs by {name} ({goal}) but train.py keeps each run's "
                         f"checkpoint by --metric={kept} ({kept_goal}); add `metric: {{value: {name}}}` and "

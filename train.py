@@ -75,7 +75,8 @@ SETTINGS = [
     ("eval_interval", 200, int, "steps between validations; one always runs at the end"),
     ("log_interval", 20, int, "steps between progress lines"),
     ("metric", "val/loss", str, "validation metric that picks the checkpoint kept (val/loss, val/cider, ...)"),
-    ("metric_goal", "minimize", str, "minimize | maximize the metric"),
+    ("metric_goal", "auto", str, "minimize | maximize the metric; auto minimizes losses and the repeat and "
+                                 "[UNK] rates, and maximizes caption scores"),
     ("top_k", 50, int, "top-k sampling of validation captions; stored as the run's decoding default"),
     ("temperature", 1.0, float, "sampling temperature of validation captions; stored as decoding default"),
     ("do_sample", True, bool, "sample validation captions with top_k/temperature (False: greedy or beam)"),
@@ -96,12 +97,12 @@ SETTINGS = [
 ]
 DEFAULTS = {name: default for name, default, _, _ in SETTINGS}
 CHOICES = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "linear", "constant"),
-           "metric_goal": ("minimize", "maximize"), "precision": ("auto", "bf16", "fp16", "fp32"),
+           "metric_goal": ("auto", "minimize", "maximize"), "precision": ("auto", "bf16", "fp16", "fp32"),
            "wandb_mode": ("auto", "online", "offline", "disabled")}
 # Keys train.py logs; the sweep's metric.name must be one of them.
 LOGGED_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "train/images_per_sec",
                   "val/loss", "val/bleu1", "val/bleu2", "val/bleu3", "val/bleu4", "val/cider", "val/rouge_l",
-                  "val/meteor")
+                  "val/meteor", "val/distinct", "val/repeat3", "val/unk")
 
 
 def parse_bool(text):
@@ -318,7 +319,7 @@ def train(config, run, ctx, stop, resume_state=None):
                 state.history.append({"step": state.step, **metrics})
                 failed = float(not math.isfinite(metrics["val/loss"]))
                 if training.is_better(metrics[config["metric"]], state.best and state.best["metrics"][config["metric"]],
-                                      config["metric_goal"]):
+                                      training.resolve_metric_goal(config)):
                     encoder, decoder, opt = training.snapshot(model, optimizer)
                     state.best = {"metrics": metrics, "step": state.step, "samples": samples,
                                   "encoder": encoder, "decoder": decoder, "optimizer": opt}

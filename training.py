@@ -243,6 +243,12 @@ def evaluate(model, tokenizer, val, config, ctx, autocast):
     return metrics, samples
 
 
+def resolve_metric_goal(config):
+    """Return "minimize" or "maximize" for config["metric"], resolving metric_goal "auto"."""
+    from checkpoints import metric_goal
+    return metric_goal(config["metric"]) if config["metric_goal"] == "auto" else config["metric_goal"]
+
+
 def is_better(value, best, goal):
     if not math.isfinite(value):
         return False
@@ -314,7 +320,7 @@ def build_checkpoint(state, status, reason):
         "format_version": FORMAT_VERSION, "run_id": state.run_id, "wandb_run_id": state.run_id,
         "sweep_id": os.environ.get("WANDB_SWEEP_ID"), "status": status, "status_reason": reason,
         "optimizer": config["optimizer"], "learning_rate": config["learning_rate"],
-        "scheduler": config["scheduler"], "metric": config["metric"], "metric_goal": config["metric_goal"],
+        "scheduler": config["scheduler"], "metric": config["metric"], "metric_goal": resolve_metric_goal(config),
         "metrics": best["metrics"], "best_step": best["step"], "final_train_loss": state.last_train_loss,
         "total_steps": state.step, "skipped_steps": state.skipped, "timing": state.timing,
         "config": config, "encoder": config["encoder"], "decoder": config["decoder"],
