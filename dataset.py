@@ -230,7 +230,7 @@ def load_captions(data="builtin", seed=0):
     """Load a dataset by path or name, clean its captions and return a CaptionData."""
     if data in (None, "", "builtin"):
         return clean_captions(make_builtin(seed=seed))
-    path = Path(data).expanduser()
+    path = Path(data).expanduser().resolve()  # absolute image paths: caches match however --data was written
     if not path.exists():
         raise DataError(f"data path {data} does not exist; pass --data with one of: {ACCEPTED_LAYOUTS}")
     kind, path = detect_format(path)
