@@ -97,8 +97,9 @@ def prepare_split(name, dataset, indices, model, tokenizer, config, device):
     mc = model.model_config
     size, mean, std = mc["image_size"], mc["mean"], mc["std"]
     if mc["freeze_encoder"]:
+        # "eval-bn": caches written before the backbone ran in eval mode hold other features.
         key = "features-" + cache_key(image_list_fingerprint(dataset, indices), size, mean, std,
-                                      mc["encoder"], mc.get("timm_name"))
+                                      mc["encoder"], mc.get("timm_name"), "eval-bn")
         shape = (len(indices), mc["num_image_tokens"], mc["encoder_dim"])
         fill = compute_features(model, dataset, indices, size, mean, std, device)
         images, failed = cached_array(config["cache_dir"], key, shape, np.float16, fill)

@@ -114,7 +114,11 @@ class VisionEncoder(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, model_config["num_image_tokens"], d))
         nn.init.normal_(self.pos, std=0.02)
         if self.frozen:
+            # Eval mode from the start: a module is built in training mode, and a frozen backbone
+            # run that way (when its features are cached) would normalise each batch by its own
+            # statistics and overwrite the pretrained BatchNorm running statistics.
             self.backbone.requires_grad_(False)
+            self.backbone.eval()
 
     def train(self, mode=True):
         super().train(mode)
