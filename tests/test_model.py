@@ -163,3 +163,18 @@ def test_sampling_never_emits_special_tokens(tokenizer):
     for row in generated.tolist():
         if tokenizer.pad_id in row:
             assert tokenizer.eos_id in row[:row.index(tokenizer.pad_id)]
+
+
+def test_frozen_features_cached_in_eval_mode(tokenizer):
+    """Caching must not normalise by batch statistics nor overwrite the pretrained BatchNorm statistics."""
+    import numpy as np
+    from data_pipeline import compute_features
+    model = build_model(make_model_config(tiny_config(encoder="efficientnet_lite0"), tokenizer), pretrained=True)
+    running_var = model.encoder.backbone.bn2.running_var.clone()
+    data = dataset.load_captions("builtin")
+    out = np.zeros((4, 49, 1280), dtype=np.float16)
+    assert compute_features(model, data, [0, 1, 2, 3], 224, [0.5] * 3, [0.5] * 3, "cpu", batch_size=4)(out) == []
+    assert torch.equal(model.encoder.backbone.bn2.running_var, running_var)
+    alone = np.zeros((1, 49, 1280), dtype=np.float16)
+    compute_features(model, data, [2], 224, [0.5] * 3, [0.5] * 3, "cpu")(alone)
+    assert np.allclose(out[2].astype(np.float32), alone[0].astype(np.float32), atol=1e-2)
