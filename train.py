@@ -356,7 +356,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
 
     ctx = training.setup_distributed(config)
-    run = training.init_wandb(config, ctx, resume_state)
+    with training.gc_paused():  # imports wandb
+        run = training.init_wandb(config, ctx, resume_state)
     try:
         validate_config(config)  # again, now with any values a sweep set
         status = train(config, run, ctx, stop, resume_state)
