@@ -12,8 +12,8 @@ import dataset
 import train
 from conftest import run_script
 from evaluation import generation_options
-from model import (CheckpointError, build_model, load_checkpoint, load_efficientnet_lite0_weights,
-                   make_model_config, read_checkpoint)
+from model import (CheckpointError, VisionEncoder, backbone_output_shape, build_model, load_checkpoint,
+                   load_efficientnet_lite0_weights, make_model_config, read_checkpoint)
 
 
 def tiny_config(**overrides):
@@ -48,6 +48,25 @@ def test_efficientnet_encoder_features(tokenizer):
     with torch.no_grad():
         features = model.encoder.forward_backbone(torch.zeros(2, 3, 224, 224))
     assert features.shape == (2, 49, 1280)
+
+
+@pytest.mark.parametrize("encoder", ["tiny_cnn", "vit"])
+def test_meta_probe_matches_forward(encoder):
+    """The shape probe, run on the meta device, must report what a real forward pass returns."""
+    from transformers import ViTConfig
+    model_config = {"encoder": encoder, "freeze_encoder": True, "d_model": 32, "image_size": 64,
+                    "encoder_kind": "tiny_cnn"}
+    if encoder == "vit":
+        vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        image_size=64, patch_size=16)
+        model_config.update(encoder_kind="hf", encoder_hf_config=vit.to_dict())
+    tokens, channels = backbone_output_shape(model_config)
+    encoder_module = VisionEncoder({**model_config, "encoder_dim": channels, "num_image_tokens": tokens},
+                                   pretrained=False).eval()
+    with torch.no_grad():
+        features = encoder_module.forward_backbone(torch.zeros(2, 3, 64, 64))
+    assert features.device.type == "cpu"
+    assert features.shape == (2, tokens, channels)
 
 
 @pytest.mark.parametrize("options", [{"do_sample": False}, {"do_sample": False, "num_beams": 3},

@@ -4,6 +4,7 @@ bad training images, and a short run on real Flickr8k photos.
     python -m pytest -q tests/test_train.py
 """
 
+import gc
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 import dataset
 import train
+import training
 from conftest import TINY_TRAIN_ARGS, run_script
 from evaluation import generation_options
 from model import ImageCaptioner, build_model, caption_loss, load_checkpoint, make_model_config
@@ -93,6 +95,23 @@ def test_overfit_one_batch_exactly():
     model.eval()
     out = model.generate(tokenizer, pixel_values=pixels, max_length=24)
     assert tokenizer.decode(out) == [c.lower() for c in captions]
+
+
+def test_gc_paused_restores_collection():
+    """Setup pauses automatic garbage collection; it must come back on, even after an error."""
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        with training.gc_paused():
+            assert not gc.isenabled()
+            raise ValueError("setup failed")
+    assert gc.isenabled()
+    gc.disable()  # a caller that had turned collection off keeps it off
+    try:
+        with training.gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_divergence_fails_without_checkpoint(tmp_path):
