@@ -124,11 +124,33 @@ def prepare_split(name, dataset, indices, model, tokenizer, config, device):
     return split
 
 
-def train_batches(split, batch_size, world_size, rank, seed, start_step=0):
+def grouped_batches(lengths, batch_size, seed, epoch, group=50):
+    """One epoch of batches of similar caption lengths, in random order.
+
+    A seeded permutation is cut into runs of `group` batches; each run is sorted by length and
+    cut into batches, and the batches of the whole epoch are then shuffled, so consecutive steps
+    do not go from long captions to short ones. The permutation is padded with its own start to
+    whole batches, so every batch is full.
+    """
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g)
+    steps = math.ceil(len(perm) / batch_size)
+    perm = torch.cat([perm, perm[:steps * batch_size - len(perm)]])
+    batches = []
+    for start in range(0, len(perm), group * batch_size):
+        run = perm[start:start + group * batch_size]
+        run = run[torch.argsort(lengths[run], descending=True, stable=True)]
+        batches.extend(run.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def train_batches(split, batch_size, world_size, rank, seed, start_step=0, group_by_length=False):
     """Yield (epoch, caption indices) for this rank forever, starting after `start_step` batches.
 
-    Every rank draws from the same seeded permutation per epoch (DistributedSampler), so the
-    union of the ranks' batches at a step is the batch a single process would take.
+    Every rank draws from the same seeded order per epoch, so the union of the ranks' batches at
+    a step is the batch a single process would take. With group_by_length, a batch holds
+    captions of similar length (grouped_batches), so it pads to a length close to its captions'
+    own instead of the longest caption of a random draw.
     """
     if batch_size % world_size:
         raise ValueError(f"--batch_size {batch_size} is not divisible by the {world_size} processes; "
@@ -138,10 +160,15 @@ def train_batches(split, batch_size, world_size, rank, seed, start_step=0):
     steps_per_epoch = math.ceil(len(sampler) / per_rank)
     epoch, skip = divmod(start_step, steps_per_epoch)
     while True:
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        for b in range(skip, steps_per_epoch):
-            yield epoch, order[b * per_rank:(b + 1) * per_rank]
+        if group_by_length:
+            # rank r takes every world_size-th caption of each global batch
+            batches = [b[rank::world_size].tolist() for b in grouped_batches(split.lengths, batch_size, seed, epoch)]
+        else:
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            batches = [order[b * per_rank:(b + 1) * per_rank] for b in range(steps_per_epoch)]
+        for b in range(skip, len(batches)):
+            yield epoch, batches[b]
         skip = 0
         epoch += 1
 

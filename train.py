@@ -69,8 +69,13 @@ SETTINGS = [
     ("grad_clip", 1.0, float, "clip the gradient norm to this (0 = no clipping)"),
     ("label_smoothing", 0.1, float, "label smoothing of the caption cross-entropy"),
     ("batch_size", 64, int, "captions per optimizer step, over all processes"),
+    ("group_by_length", True, bool, "batch captions of similar length together (batches in random order), so "
+                                      "less compute goes to padding: 1.6x faster on Flickr8k"),
     ("max_steps", 400, int, "optimizer steps of the run"),
     ("epochs", None, float, "train this many passes over the training captions instead of --max_steps"),
+    ("scst_steps", 0, int, "self-critical steps after the cross-entropy ones: the model is fine-tuned at the "
+                           "base learning_rate on its own sampled captions, rewarded by CIDEr-D (0 = off)"),
+    ("scst_samples", 5, int, "captions sampled per image at each self-critical step (batch_size // this images)"),
     ("seed", 0, int, "seed of initialisation, data order and the validation split"),
     ("max_bad_steps", 10, int, "consecutive non-finite steps after which the run fails as diverged"),
     # validation and decoding
@@ -103,6 +108,7 @@ CHOICES = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "linear", "co
            "wandb_mode": ("auto", "online", "offline", "disabled")}
 # Keys train.py logs; the sweep's metric.name must be one of them.
 LOGGED_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "train/images_per_sec",
+                  "train/reward",
                   "val/loss", "val/bleu1", "val/bleu2", "val/bleu3", "val/bleu4", "val/cider", "val/rouge_l",
                   "val/meteor", "val/distinct", "val/repeat3", "val/unk")
 
@@ -226,11 +232,18 @@ def train(config, run, ctx, stop, resume_state=None):
     """Train one run; return "completed", "failed" (diverged) or "preempted" (SIGTERM)."""
     torch.manual_seed(config["seed"])
     model, tokenizer, train_inputs, val_inputs, data_stats = training.prepare(config, ctx, resume_state)
-    total_steps = config["max_steps"]
+    xe_steps = config["max_steps"]
     if config["epochs"]:
-        total_steps = max(1, math.ceil(config["epochs"] * len(train_inputs) / config["batch_size"]))
+        xe_steps = max(1, math.ceil(config["epochs"] * len(train_inputs) / config["batch_size"]))
+    total_steps = xe_steps + config["scst_steps"]
     optimizer = training.make_optimizer(model, config)
-    scheduler = training.make_scheduler(optimizer, config, total_steps)
+    scheduler = training.make_scheduler(optimizer, config, xe_steps)
+    scst = None
+    if config["scst_steps"]:
+        from scst import SelfCritical
+        scst = SelfCritical(train_inputs, tokenizer, config["scst_samples"], config["max_caption_length"],
+                            config["seed"])
+        scst_images = max(ctx.world_size, config["batch_size"] // config["scst_samples"])
     autocast, precision = training.autocast_factory(config["precision"], ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
     run_id = training.resolve_run_id(run, resume_state)
@@ -243,7 +256,8 @@ def train(config, run, ctx, stop, resume_state=None):
     params = [p for p in model.parameters() if p.requires_grad]
     path = training.checkpoint_path(config, run_id)
     resume_path = os.path.join(config["resume_dir"], f"{run_id}.pt")
-    indices = train_batches(train_inputs, config["batch_size"], ctx.world_size, ctx.rank, config["seed"], state.step)
+    indices = train_batches(train_inputs, config["batch_size"], ctx.world_size, ctx.rank, config["seed"], state.step,
+                            config["group_by_length"])
     batches = prefetch(train_inputs.caption_batch(idx) for _, idx in indices)
     if ctx.is_main:
         log.info("run %s: %d steps of %d captions, %.2fM trainable parameters, %s, %s%s", run_id, total_steps,
@@ -251,7 +265,7 @@ def train(config, run, ctx, stop, resume_state=None):
                  f", {ctx.world_size} processes" if ctx.distributed else "")
     state.timing = {"setup_s": time.time() - PROCESS_START, "eval_s": 0.0}
     loop_start = window_start = time.time()
-    window_steps, window_loss = 0, 0.0
+    window_steps, window_loss, window_reward = 0, 0.0, 0.0
     model.train()
     while state.step < total_steps:
         # preemption: every rank stops at the same step; rank 0 saves a resumable state
@@ -262,12 +276,19 @@ def train(config, run, ctx, stop, resume_state=None):
                             state.step, resume_path, resume_path)
             return "preempted"
 
-        # forward, backward
-        inputs, input_ids, attention_mask, targets = next(batches)
-        inputs = {k: v.to(ctx.device, non_blocking=True) for k, v in inputs.items()}
-        with autocast():
-            logits = net(input_ids.to(ctx.device), attention_mask.to(ctx.device), **inputs)  # (B, L, V)
-        loss = caption_loss(logits, targets.to(ctx.device), config["label_smoothing"])
+        # forward, backward: cross-entropy on the references, then self-critical steps
+        if state.step < xe_steps:
+            inputs, input_ids, attention_mask, targets = next(batches)
+            inputs = {k: v.to(ctx.device, non_blocking=True) for k, v in inputs.items()}
+            with autocast():
+                logits = net(input_ids.to(ctx.device), attention_mask.to(ctx.device), **inputs)  # (B, L, V)
+            loss = caption_loss(logits, targets.to(ctx.device), config["label_smoothing"])
+        else:
+            for group in optimizer.param_groups:  # every part fine-tunes at the base rate
+                group["lr"] = config["learning_rate"]
+            rows = scst.image_rows(state.step - xe_steps, scst_images)[ctx.rank::ctx.world_size]
+            loss, reward = scst.loss(model, net, rows, ctx.device, autocast)
+            window_reward += reward
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config["grad_clip"] or float("inf"))
@@ -290,7 +311,8 @@ def train(config, run, ctx, stop, resume_state=None):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        if state.step <= xe_steps:
+            scheduler.step()
         state.last_train_loss = loss_value
         window_steps, window_loss = window_steps + 1, window_loss + loss_value
 
@@ -298,17 +320,21 @@ def train(config, run, ctx, stop, resume_state=None):
         if state.step % config["log_interval"] == 0 or state.step == total_steps:
             elapsed = time.time() - window_start
             images_per_sec = window_steps * config["batch_size"] / max(elapsed, 1e-9)
-            lr = scheduler.get_last_lr()[-1]
+            lr = optimizer.param_groups[-1]["lr"]
             eta = (total_steps - state.step) * elapsed / max(window_steps, 1)
+            reward = window_reward / max(window_steps, 1) if state.step > xe_steps else None
             if ctx.is_main:
-                log.info("step %d/%d | loss %.4f | lr %.2e | %.0f img/s | eta %s", state.step, total_steps,
-                         window_loss / max(window_steps, 1), lr, images_per_sec, time.strftime("%M:%S", time.gmtime(eta)))
+                log.info("step %d/%d | loss %.4f%s | lr %.2e | %.0f img/s | eta %s", state.step, total_steps,
+                         window_loss / max(window_steps, 1), "" if reward is None else f" | reward {reward:.3f}", lr,
+                         images_per_sec, time.strftime("%M:%S", time.gmtime(eta)))
                 logged = {"train/loss": window_loss / max(window_steps, 1), "train/lr": lr,
                           "train/grad_norm": grad_norm.item(), "train/skipped_steps": state.skipped,
                           "train/images_per_sec": images_per_sec}
+                if reward is not None:
+                    logged["train/reward"] = reward
                 run.log(logged, step=state.step)
                 state.history.append({"step": state.step, **logged})
-            window_start, window_steps, window_loss = time.time(), 0, 0.0
+            window_start, window_steps, window_loss, window_reward = time.time(), 0, 0.0, 0.0
 
         # evaluate; keep the best validation point as the run's checkpoint
         if state.step % config["eval_interval"] == 0 or state.step == total_steps:

@@ -67,7 +67,7 @@ def main():
     params = [p for p in model.parameters() if p.requires_grad]
 
     # One sequence of batches (plus warm-up); the in-memory side gets materialised copies of them.
-    order = train_batches(train_inputs, config["batch_size"], 1, 0, config["seed"])
+    order = train_batches(train_inputs, config["batch_size"], 1, 0, config["seed"], 0, config["group_by_length"])
     warmup = 3
     indices = [next(order)[1] for _ in range(warmup + args.blocks * args.block_steps)]
     in_memory = [train_inputs.caption_batch(idx) for idx in indices]
