@@ -151,11 +151,15 @@ def validate_config(config):
                 "max_caption_length", "eval_interval", "log_interval", "max_bad_steps"):
         if config[key] is not None and config[key] <= 0:
             raise ValueError(f"--{key}={config[key]} must be positive")
-    for key in ("weight_decay", "grad_clip", "dropout", "label_smoothing", "warmup_steps", "scratch_lr_multiplier"):
+    for key in ("weight_decay", "grad_clip", "dropout", "label_smoothing", "warmup_steps", "scratch_lr_multiplier",
+                "scst_steps"):
         if config[key] < 0:
             raise ValueError(f"--{key}={config[key]} must not be negative")
     if config["temperature"] <= 0 or config["top_k"] <= 0 or config["num_beams"] <= 0:
         raise ValueError("--temperature, --top_k and --num_beams must be positive")
+    if config["scst_steps"] and config["scst_samples"] < 2:
+        raise ValueError(f"--scst_samples={config['scst_samples']} leaves no other sample as the baseline; "
+                         f"pass at least 2")
     if config["metric"] not in LOGGED_METRICS or not config["metric"].startswith("val/"):
         raise ValueError(f"--metric={config['metric']} is not a validation metric train.py logs; use one of "
                          f"{', '.join(m for m in LOGGED_METRICS if m.startswith('val/'))}")

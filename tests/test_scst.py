@@ -54,3 +54,11 @@ def test_run_switches_to_self_critical_steps(tmp_path):
     # the self-critical steps run at the base learning rate, not the scratch multiple
     lrs = [h["train/lr"] for h in checkpoint["metadata"]["history"] if "train/reward" in h]
     assert lrs == [checkpoint["config"]["learning_rate"]] * 2
+
+
+def test_single_sample_rejected(tmp_path):
+    result = run_script("train.py", [*TINY_TRAIN_ARGS, "--scst_steps", "5", "--scst_samples", "1"], tmp_path)
+    assert result.returncode == 2
+    assert "--scst_samples=1 leaves no other sample as the baseline; pass at least 2" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "saved_models" / "sweep_runs").exists()
