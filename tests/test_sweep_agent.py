@@ -18,7 +18,7 @@ import train
 from checkpoints import scan_checkpoints
 from conftest import REPO, run_script, script_env
 from local_sweep import SweepStore, propose
-from sweep_agent import Agent, trial_command
+from sweep_agent import Agent, ForkedTrial, forkable_args, trial_command
 from sweep_validation import check_sweep_config, load_sweep_config
 
 # train.py settings of a trial that takes seconds: five steps, one validation, which writes the checkpoint
@@ -393,3 +393,56 @@ def test_sigkill_while_saving(tmp_path):
     crashed, continued = sweep_runs(tmp_path, sweep_id)
     assert crashed.state == "crashed"
     assert continued.state == "finished"
+
+
+# ---------------------------------------------------------------------------------------
+# Trials forked from the fork server
+
+def tiny_trial_args(**overrides):
+    return [f"--{k}={v}" for k, v in {**TINY_TRIAL, **overrides}.items()]
+
+
+def test_forkable_only_for_this_train_py(tmp_path, monkeypatch):
+    config = {"program": str(REPO / "train.py"), "method": "grid", "parameters": {"seed": {"values": [1]}}}
+    argv = trial_command(config, {"seed": 1}, tmp_path / "args.json")
+    assert forkable_args(argv) == ["--seed=1"]
+    other = write_program(tmp_path, "train.py", "print('another train.py')\n")
+    assert forkable_args(["/usr/bin/env", sys.executable, str(other), "--seed=1"]) is None
+    assert forkable_args(["/usr/bin/env", "/usr/bin/python3", str(REPO / "train.py")]) is None
+    monkeypatch.setenv("LOCAL_SWEEP_FORK", "0")
+    assert forkable_args(argv) is None
+
+
+def test_forked_trial_trains_and_exits(tmp_path):
+    env = script_env(tmp_path, WANDB_RUN_ID="forked01")
+    log_path = tmp_path / "trial.log"
+    proc = ForkedTrial(tiny_trial_args(output_dir=tmp_path / "runs"), env, log_path)
+    assert proc.wait(timeout=300) == 0
+    assert proc.poll() == 0
+    records = scan_checkpoints(tmp_path / "runs")
+    assert [r.run_id for r in records] == ["forked01"]
+    assert records[0].status == "completed"
+    assert "completed checkpoint" in log_path.read_text()
+
+
+def test_forked_trial_invalid_setting_exits_2(tmp_path):
+    proc = ForkedTrial(tiny_trial_args(batch_size=0), script_env(tmp_path), tmp_path / "trial.log")
+    assert proc.wait(timeout=120) == 2
+    assert "--batch_size=0 must be positive" in (tmp_path / "trial.log").read_text()
+
+
+def test_forked_trial_sigterm_saves_resumable_state(tmp_path):
+    env = script_env(tmp_path, WANDB_RUN_ID="forked02")
+    log_path = tmp_path / "trial.log"
+    args = tiny_trial_args(max_steps=100000, eval_interval=100000, log_interval=1, resume_dir=tmp_path / "resume")
+    proc = ForkedTrial(args, env, log_path)
+    deadline = time.monotonic() + 300
+    while "step 2/" not in (log_path.read_text() if log_path.exists() else ""):
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143
+    assert (tmp_path / "resume" / "forked02.pt").exists()
