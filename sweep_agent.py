@@ -91,13 +91,13 @@ def forkable_args(argv):
     return argv[3:] if Path(argv[2]).resolve() == REPO / "train.py" else None
 
 
-# What every train.py trial imports: the fork server imports it once, trials start with it.
+# Modules every train.py trial imports: the fork server imports them once, and trials start with them.
 PRELOAD = ["train", "timm", "wandb", "transformers.models.gpt2.modeling_gpt2", "sweep_agent"]
 _forkserver = None
 
 
 def trial_context():
-    """The multiprocessing context whose fork server has imported PRELOAD (about 3.5 s, once)."""
+    """Return the multiprocessing context whose fork server imports PRELOAD (about 3.5 s, once)."""
     global _forkserver
     if _forkserver is None:
         import multiprocessing
