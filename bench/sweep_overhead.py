@@ -2,7 +2,7 @@
 training-loop times) / N. Target: at most 5 s per trial.
 
 The sweep is `python simple_sweep.py --local --yes --count N` with sweep_config.yaml (the built-in
-synthetic data, a frozen EfficientNet-Lite0, 60 steps) in a scratch folder, W&B offline. A trial's
+synthetic data, a frozen EfficientNet-Lite0, 300 steps) in a scratch folder, W&B offline. A trial's
 loop time is `timing.loop_s` in its checkpoint summary, which includes the validations. Before the
 sweep, one untimed train.py run fills the feature cache, which a sweep computes once for all of
 its trials. After the sweep, one more trial with the first run's parameters runs under a tracer
