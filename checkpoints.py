@@ -7,6 +7,7 @@ file is missing or older than the checkpoint, the checkpoint itself is read memo
 """
 
 import json
+import os
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,9 +154,25 @@ def rank_records(records, metric="val/loss"):
     return selectable + rest
 
 
-def best_record(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss"):
-    """Return the best completed run's RunRecord, or raise FileNotFoundError saying how to train one."""
+def same_data(trained_on, data):
+    """Tell whether a run's --data names the dataset `data` ('builtin' or a path, compared resolved)."""
+    if trained_on is None or data is None or "builtin" in (trained_on, data):
+        return trained_on == data
+    return os.path.realpath(os.path.expanduser(trained_on)) == os.path.realpath(os.path.expanduser(data))
+
+
+def best_record(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss", data=None):
+    """Return the best completed run's RunRecord, or raise FileNotFoundError saying how to train one.
+
+    With `data`, only runs trained on that dataset compete.
+    """
     records = scan_checkpoints(runs_dir)
+    if data is not None:
+        trained = [r for r in records if same_data(r.config.get("data"), data)]
+        if records and not trained:
+            raise FileNotFoundError(f"none of the {len(records)} checkpoints in {runs_dir} was trained on {data}; "
+                                    f"pass the checkpoint to score, or --runs-dir with runs trained on it")
+        records = trained
     ranked = [r for r in rank_records(records, metric) if r.selectable(metric)]
     if not ranked:
         found = f"{len(records)} checkpoints, none completed with a finite {metric}" if records else "no checkpoints"

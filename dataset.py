@@ -138,14 +138,14 @@ def read_csv_layout(path):
     """Read captions.csv (image,caption), optional splits.csv (image,split) and the image folder."""
     csv_path = path if path.is_file() else path / "captions.csv"
     root = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise DataError(f"{csv_path} has columns {reader.fieldnames}; expected a header 'image,caption'")
         pairs = [(row["image"], row["caption"] or "") for row in reader]
     split_of = {}
     if (root / "splits.csv").exists():
-        with open(root / "splits.csv", newline="", encoding="utf-8") as f:
+        with open(root / "splits.csv", newline="", encoding="utf-8-sig") as f:
             split_of = {row["image"]: SPLIT_ALIASES.get((row.get("split") or "").strip().lower(), "none")
                         for row in csv.DictReader(f)}
     names, captions, splits = _group(pairs, split_of)
@@ -284,14 +284,18 @@ def split_indices(dataset, val_fraction=0.1, seed=0, max_train=None, max_val=Non
 
     The official split is used where the data has one (images it leaves out are dropped);
     otherwise a seeded shuffle puts `val_fraction` of the images in val and none in test.
+    An official split without validation images (a COCO captions_train file, a splits.csv
+    that marks only train and test) gets `val_fraction` of its training images the same way.
     """
     if any(s is not None for s in dataset.splits):
         split = {name: [i for i, s in enumerate(dataset.splits) if s == name] for name in ("train", "val", "test")}
     else:
-        order = list(range(len(dataset.images)))
+        split = {"train": list(range(len(dataset.images))), "val": [], "test": []}
+    if not split["val"]:
+        order = list(split["train"])
         random.Random(seed).shuffle(order)
         n_val = max(1, round(len(order) * val_fraction)) if len(order) > 1 else 0
-        split = {"train": sorted(order[n_val:]), "val": sorted(order[:n_val]), "test": []}
+        split["train"], split["val"] = sorted(order[n_val:]), sorted(order[:n_val])
     if max_train:
         split["train"] = split["train"][:max_train]
     if max_val:

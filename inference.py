@@ -167,11 +167,12 @@ def split_inputs(args):
     return images, checkpoints[0] if checkpoints else None
 
 
-def choose_checkpoint(path, runs_dir, metric):
-    """Return (checkpoint path, how it was chosen): the given file, or the best completed run."""
+def choose_checkpoint(path, runs_dir, metric, data=None):
+    """Return (checkpoint path, how it was chosen): the given file, or the best completed run
+    (of the runs trained on `data`, when given)."""
     if path:
         return path, None
-    record = best_record(runs_dir, metric)
+    record = best_record(runs_dir, metric, data)
     score = f"{record.metric(metric):.4f}"
     return record.path, f"best completed run in {runs_dir} by {metric}: {score}, run {record.run_id}"
 
@@ -257,7 +258,7 @@ def load_for_command(args, checkpoint_arg):
     from transformers.utils import logging as transformers_logging
     transformers_logging.set_verbosity_error()  # keep transformers warnings (padding advice) out of the output
     device = resolve_device(args.device)
-    path, chosen = choose_checkpoint(checkpoint_arg, args.runs_dir, args.metric)
+    path, chosen = choose_checkpoint(checkpoint_arg, args.runs_dir, args.metric, getattr(args, "evaluate", None))
     model, tokenizer, checkpoint = load_checkpoint(path, device)
     options = decoding_options(checkpoint, model, args.top_k, args.temperature, args.num_beams, args.greedy,
                                args.max_length)

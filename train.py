@@ -147,14 +147,23 @@ def parse_config(argv=None):
 
 def validate_config(config):
     """Raise ValueError naming the setting for values that cannot train."""
-    for key in ("learning_rate", "batch_size", "max_steps", "d_model", "num_layers", "num_heads",
-                "max_caption_length", "eval_interval", "log_interval", "max_bad_steps"):
+    for name, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name}={value} is not a finite number; pass a finite value")
+    for key in ("learning_rate", "batch_size", "max_steps", "d_model", "num_layers", "num_heads", "vocab_size",
+                "eval_interval", "log_interval", "max_bad_steps", "eval_max_images", "epochs", "scst_samples"):
         if config[key] is not None and config[key] <= 0:
             raise ValueError(f"--{key}={config[key]} must be positive")
     for key in ("weight_decay", "grad_clip", "dropout", "label_smoothing", "warmup_steps", "scratch_lr_multiplier",
                 "scst_steps"):
         if config[key] < 0:
             raise ValueError(f"--{key}={config[key]} must not be negative")
+    for key in ("dropout", "label_smoothing"):
+        if config[key] >= 1:
+            raise ValueError(f"--{key}={config[key]} must be below 1")
+    if config["max_caption_length"] < 3:
+        raise ValueError(f"--max_caption_length={config['max_caption_length']} leaves no room for a word between "
+                         f"[BOS] and [EOS]; pass at least 3")
     if config["temperature"] <= 0 or config["top_k"] <= 0 or config["num_beams"] <= 0:
         raise ValueError("--temperature, --top_k and --num_beams must be positive")
     if config["scst_steps"] and config["scst_samples"] < 2:
@@ -217,8 +226,10 @@ def finish_run(state, run, path, status, reason=""):
     if status != "completed":
         log.error("run %s %s: %s", state.run_id, status, reason)
     if state.best is None:
-        if status == "failed":
-            log.error("no checkpoint saved: the run never reached a finite validation point")
+        if status != "preempted":
+            status = "failed"
+            log.error("run %s failed: no checkpoint saved, because the run never reached a finite validation "
+                      "point; lower --learning_rate or --grad_clip", state.run_id)
         return status
     training.write_run_files(path, training.build_checkpoint(state, status, reason))
     run.summary.update({**state.best["metrics"], "status": status, "best_step": state.best["step"],
@@ -310,15 +321,16 @@ def train(config, run, ctx, stop, resume_state=None):
                           f"(learning_rate={config['learning_rate']}); lower --learning_rate or --grad_clip")
                 run.log({"train/skipped_steps": state.skipped}, step=state.step)
                 return finish_run(state, run, path, "failed", reason) if ctx.is_main else "failed"
-            continue
-        state.consecutive_bad = 0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if state.step <= xe_steps:
-            scheduler.step()
-        state.last_train_loss = loss_value
-        window_steps, window_loss = window_steps + 1, window_loss + loss_value
+        else:
+            # the update; a skipped step still logs and validates below when they are due
+            state.consecutive_bad = 0
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if state.step <= xe_steps:
+                scheduler.step()
+            state.last_train_loss = loss_value
+            window_steps, window_loss = window_steps + 1, window_loss + loss_value
 
         # log a progress line
         if state.step % config["log_interval"] == 0 or state.step == total_steps:

@@ -247,6 +247,11 @@ def evaluate(model, tokenizer, val, config, ctx, autocast):
         total += caption_loss(logits, targets.to(ctx.device)).item() * tokens
         count += tokens
     metrics = {"val/loss": total / max(count, 1)}
+    if not math.isfinite(metrics["val/loss"]):
+        # non-finite weights: no caption can be decoded from them, and this point is never kept
+        model.train()
+        return {**metrics, **{f"val/{k}": math.nan for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l",
+                                                               "distinct", "repeat3", "unk")}}, []
 
     rows = val.valid_rows[: config["eval_max_images"]]
     hypotheses = generate_captions(model, tokenizer, val.image_batches(rows, 64),

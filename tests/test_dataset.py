@@ -54,6 +54,18 @@ def test_coco_captions_json(tmp_path):
     assert data.captions == [["A train at a station.", "A red train."], ["A plate of food."]]
     assert data.splits == ["train", "train"]
     assert data.images[0].endswith("train2017/000001.jpg")
+    # a captions_train file has no validation images: a seeded share of its training images is held out
+    split = split_indices(data, val_fraction=0.5)
+    assert sorted(split["train"] + split["val"]) == [0, 1]
+    assert len(split["val"]) == 1
+    assert split["test"] == []
+
+
+def test_csv_with_byte_order_mark(tmp_path):
+    write_images(tmp_path / "images", ["a.jpg"])
+    (tmp_path / "captions.csv").write_text("\ufeffimage,caption\na.jpg,a dog runs\n", encoding="utf-8")
+    data = load_captions(str(tmp_path))
+    assert data.captions == [["a dog runs"]]
 
 
 def test_karpathy_json(tmp_path):

@@ -574,3 +574,25 @@ def test_evaluate_flickr_test_split(tiny_checkpoint, flickr_dir, tmp_path, capsy
     for row in document["captions"]:
         assert Path(row["image"]).is_relative_to(flickr_dir)
         assert 4 <= len(row["references"]) <= 5  # five per image, less any exact duplicates
+
+
+def test_evaluate_picks_run_trained_on_data(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    write_csv_dataset(data, {"a.png": "test", "b.png": "train"})
+    runs_dir = tmp_path / "runs"
+    write_variant(runs_dir, tiny_checkpoint, "onshapes", "completed", {"val/loss": 0.1})
+    path = write_variant(runs_dir, tiny_checkpoint, "oncsvdata", "completed", {"val/loss": 0.9})
+    checkpoint = read_checkpoint(path)
+    checkpoint["metadata"]["config"] = {**checkpoint["metadata"]["config"], "data": "data"}  # relative, as typed
+    write_run_files(path, checkpoint)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(["--evaluate", data, "--runs-dir", runs_dir, "--no-meteor"], capsys)
+    assert code == inference.EXIT_OK, err
+    assert "oncsvdata" in out + err
+    assert "onshapes" not in out + err
+
+    other = tmp_path / "other"
+    write_csv_dataset(other, {"c.png": "test"})
+    code, out, err = run_main(["--evaluate", other, "--runs-dir", runs_dir], capsys)
+    assert code != inference.EXIT_OK
+    assert f"none of the 2 checkpoints in {runs_dir} was trained on {other}" in err

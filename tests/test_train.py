@@ -124,6 +124,28 @@ def test_divergence_fails_without_checkpoint(tmp_path):
     assert not list((tmp_path / "saved_models" / "sweep_runs").glob("*.pth"))
 
 
+def test_nonfinite_last_step_fails(tmp_path):
+    # fewer bad steps than max_bad_steps, but the step due to validate is one of them
+    args = [*TINY_TRAIN_ARGS, "--learning_rate", "1e30", "--warmup_steps", "0", "--max_steps", "5",
+            "--eval_interval", "5"]
+    result = run_script("train.py", args, tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "no checkpoint saved, because the run never reached a finite validation point" in result.stderr
+    assert not list((tmp_path / "saved_models" / "sweep_runs").glob("*.pth"))
+
+
+@pytest.mark.parametrize("setting,message", [("--learning_rate=inf", "--learning_rate=inf is not a finite number"),
+                                             ("--grad_clip=nan", "--grad_clip=nan is not a finite number"),
+                                             ("--dropout=1.5", "--dropout=1.5 must be below 1"),
+                                             ("--max_caption_length=1", "--max_caption_length=1 leaves no room"),
+                                             ("--eval_max_images=0", "--eval_max_images=0 must be positive")])
+def test_unusable_numbers_rejected(tmp_path, setting, message):
+    result = run_script("train.py", [*TINY_TRAIN_ARGS, setting], tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("true", True), ("false", False),
                                            ("1", True), ("0", False)])
 def test_agent_booleans(text, expected):
