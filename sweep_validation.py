@@ -170,6 +170,12 @@ def check_train_parameter(name, spec):
             continue
         if choices and parsed not in choices:
             problems.append(f"{where}: {value!r} is not one of train.py's --{name} choices {', '.join(choices)}")
+            continue
+        try:  # the range checks train.py applies before training, on this value alone
+            train.validate_config({**train.DEFAULTS, name: parsed})
+        except ValueError as e:
+            if str(e).startswith(f"--{name}="):
+                problems.append(f"{where}: train.py would reject {value!r}: {e}")
     return problems
 
 

@@ -151,7 +151,8 @@ def validate_config(config):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{name}={value} is not a finite number; pass a finite value")
     for key in ("learning_rate", "batch_size", "max_steps", "d_model", "num_layers", "num_heads", "vocab_size",
-                "eval_interval", "log_interval", "max_bad_steps", "eval_max_images", "epochs", "scst_samples"):
+                "eval_interval", "log_interval", "max_bad_steps", "eval_max_images", "epochs", "scst_samples",
+                "temperature", "top_k", "num_beams"):
         if config[key] is not None and config[key] <= 0:
             raise ValueError(f"--{key}={config[key]} must be positive")
     for key in ("weight_decay", "grad_clip", "dropout", "label_smoothing", "warmup_steps", "scratch_lr_multiplier",
@@ -164,8 +165,6 @@ def validate_config(config):
     if config["max_caption_length"] < 3:
         raise ValueError(f"--max_caption_length={config['max_caption_length']} leaves no room for a word between "
                          f"[BOS] and [EOS]; pass at least 3")
-    if config["temperature"] <= 0 or config["top_k"] <= 0 or config["num_beams"] <= 0:
-        raise ValueError("--temperature, --top_k and --num_beams must be positive")
     if config["scst_steps"] and config["scst_samples"] < 2:
         raise ValueError(f"--scst_samples={config['scst_samples']} leaves no other sample as the baseline; "
                          f"pass at least 2")
