@@ -356,9 +356,16 @@ def load_table(args):
               f"`python simple_sweep.py` (or `wandb agent SWEEP_ID`), or train one run with `python train.py`",
               file=sys.stderr)
         return None, 1
-    if args.sweep is None:
-        return df, 0
     sweeps = sorted(str(s) for s in df["sweep_id"].dropna().unique())
+    if args.sweep is None:
+        outside = int(df["sweep_id"].isna().sum())
+        if len(sweeps) + (outside > 0) > 1:
+            # sweeps may fix different settings, and a pooled comparison would mistake those for effects
+            groups = [f"{len(sweeps)} sweeps ({', '.join(sweeps)})"] if sweeps else []
+            groups += [f"{outside} runs outside any sweep"] if outside else []
+            print(f"note: this report pools {' and '.join(groups)}, whose fixed settings may differ; "
+                  f"pass --sweep ID to analyse one sweep", file=sys.stderr)
+        return df, 0
     df = select_sweep(df, args.sweep)
     if df.empty:
         print(f"--sweep {args.sweep}: no runs of this sweep in {args.runs_dir}; sweeps found there: "

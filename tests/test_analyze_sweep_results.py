@@ -258,6 +258,8 @@ def test_wandb_run_without_checkpoint(sweep_workdir):
 
 def test_cli_report_csv_and_plots(sweep_workdir):
     result = run_script("analyze_sweep_results.py", ["--csv", "exports/runs.csv", "--top", "3"], sweep_workdir)
+    assert "note: this report pools 2 sweeps (sw1, sw2) and " in result.stderr
+    assert "pass --sweep ID to analyse one sweep" in result.stderr
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for title in ("== Top 3 runs by val/loss (lower is better) ==", "== Metrics over the ranked runs ==",
@@ -335,3 +337,9 @@ def test_cli_no_runs(tmp_path):
     assert "python simple_sweep.py" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "saved_models").exists()
+
+
+def test_cli_one_sweep_has_no_pooling_note(sweep_workdir):
+    result = run_script("analyze_sweep_results.py", ["--no-plots", "--sweep", "sw2"], sweep_workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pools" not in result.stderr
