@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing_marks import mark_after
+
 REPO = Path(__file__).resolve().parents[1]
 FLICKR = REPO.parent / "shared" / "data" / "flickr8k_224"
 LOAD_ALL = ("import sys, glob, torch\n"
@@ -50,20 +52,10 @@ def trace_call(out_path, argv):
     import timm  # noqa: F401
     marks.append(("import timm", time.time()))
 
-    def timed(module, name, label):
-        function = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            result = function(*args, **kwargs)
-            marks.append((label, time.time()))
-            return result
-
-        setattr(module, name, wrapper)
-
-    timed(model, "load_checkpoint", "checkpoint load (read, build the model, load weights)")
-    timed(inference, "load_pixels", "image decode and resize")
-    timed(captioning, "model_inputs", "normalise and encoder forward")
-    timed(captioning, "generate_captions", "generate (decoder) and print")
+    mark_after(marks, model, "load_checkpoint", "checkpoint load (read, build the model, load weights)")
+    mark_after(marks, inference, "load_pixels", "image decode and resize")
+    mark_after(marks, captioning, "model_inputs", "normalise and encoder forward")
+    mark_after(marks, captioning, "generate_captions", "generate (decoder) and print")
     status = inference.main(argv)
     marks.append(("main() returned", time.time()))
     Path(out_path).write_text(json.dumps(marks))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from timing_marks import mark_after
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 5.0
 
@@ -51,21 +53,11 @@ def trace_trial(out_path, argv):
         import timm  # noqa: F401
         marks.append(("import timm", time.time()))
 
-    def timed(module, name, label):
-        function = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            result = function(*args, **kwargs)
-            marks.append((label, time.time()))
-            return result
-
-        setattr(module, name, wrapper)
-
-    timed(training, "init_wandb", "W&B start (wandb.init)")
-    timed(training, "make_tokenizer", "data and tokenizer")
-    timed(training, "build_model", "model build, pretrained weights")
-    timed(training, "prepare", "feature cache opened, captions tokenized")
-    timed(training, "finish_wandb", "W&B finish")
+    mark_after(marks, training, "init_wandb", "W&B start (wandb.init)")
+    mark_after(marks, training, "make_tokenizer", "data and tokenizer")
+    mark_after(marks, training, "build_model", "model build, pretrained weights")
+    mark_after(marks, training, "prepare", "feature cache opened, captions tokenized")
+    mark_after(marks, training, "finish_wandb", "W&B finish")
     original_train = train.train
 
     def traced_train(config, run, ctx, stop, resume_state=None):
