@@ -127,9 +127,9 @@ def prepare_split(name, dataset, indices, model, tokenizer, config, device):
 def grouped_batches(lengths, batch_size, seed, epoch, group=50):
     """One epoch of batches of similar caption lengths, in random order.
 
-    A seeded permutation is cut into runs of `group` batches; each run is sorted by length and
-    cut into batches, and the batches of the whole epoch are then shuffled, so consecutive steps
-    do not go from long captions to short ones. The permutation is padded with its own start to
+    A seeded permutation is cut into runs of `group` batches. Each run is sorted by length and
+    cut into batches. The batches of the whole epoch are then shuffled, so consecutive steps do
+    not go from long captions to short ones. The permutation is padded with its own start to
     whole batches, so every batch is full.
     """
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
@@ -148,7 +148,7 @@ def train_batches(split, batch_size, world_size, rank, seed, start_step=0, group
     """Yield (epoch, caption indices) for this rank forever, starting after `start_step` batches.
 
     Every rank draws from the same seeded order per epoch, so the union of the ranks' batches at
-    a step is the batch a single process would take. With group_by_length, a batch holds
+    a step is the batch a single process would take. With group_by_length, a batch contains
     captions of similar length (grouped_batches), so it pads to a length close to its captions'
     own instead of the longest caption of a random draw.
     """

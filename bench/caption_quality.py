@@ -109,7 +109,7 @@ def score_split(checkpoint_path, data_dir, split, decodings, cache_dir, batch_si
 
 
 def table_row(recipe, seed, wall_s, steps, result):
-    """One Markdown row in the order of TABLE_COLUMNS."""
+    """Return one Markdown row in the order of TABLE_COLUMNS."""
     s, stats = result["scores"], result["statistics"]
     meteor = f"{s['meteor']:.3f}" if "meteor" in s else "-"
     wall = f"{wall_s / 60:.1f}" if wall_s is not None else "-"

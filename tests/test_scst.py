@@ -44,7 +44,8 @@ def test_run_switches_to_self_critical_steps(tmp_path):
             "--metric", "val/cider"]
     result = run_script("train.py", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 36/36" in result.stderr and "| reward " in result.stderr
+    assert "step 36/36" in result.stderr
+    assert "| reward " in result.stderr
     path, = (tmp_path / "saved_models" / "sweep_runs").glob("*.pth")
     checkpoint = read_checkpoint(path)
     assert checkpoint["total_steps"] == 36
