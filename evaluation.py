@@ -86,6 +86,8 @@ def generation_options(decoding, **overrides):
         kwargs["do_sample"] = False
     if options.get("no_repeat_ngram_size"):
         kwargs["no_repeat_ngram_size"] = int(options["no_repeat_ngram_size"])
+    if options.get("rerank_neighbors") and kwargs["num_beams"] > 1:
+        kwargs["rerank_neighbors"] = int(options["rerank_neighbors"])
     if options.get("repetition_penalty") and float(options["repetition_penalty"]) != 1.0:
         kwargs["repetition_penalty"] = float(options["repetition_penalty"])
     return kwargs

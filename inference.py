@@ -52,11 +52,12 @@ EXIT_OK, EXIT_UNREADABLE_IMAGES, EXIT_INVALID = 0, 1, 2
 # Decoding and preprocessing, both taken from the checkpoint
 
 def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_beams=None, greedy=False,
-                     max_length=None):
+                     max_length=None, rerank_neighbors=None):
     """Return generate() options: the run's decoding settings with these overrides; raise ValueError.
 
     --top-k or --temperature turn sampling on; --num-beams alone turns it off (plain beam search);
     greedy means one beam and no sampling. max_length counts tokens including [BOS].
+    rerank_neighbors picks among the beams by consensus with that many training images (0 = off).
     """
     from evaluation import generation_options
     from training import decoding_defaults
@@ -68,6 +69,11 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
             raise ValueError(f"{name}={value} must be at least 1")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"--temperature={temperature} must be positive")
+    if rerank_neighbors is not None and rerank_neighbors < 0:
+        raise ValueError(f"--rerank-neighbors={rerank_neighbors} must not be negative (0 turns reranking off)")
+    if rerank_neighbors and model is not None and model.consensus is None:
+        raise ValueError(f"--rerank-neighbors={rerank_neighbors}: this checkpoint stores no training captions to "
+                         f"rerank with; train with --rerank_neighbors N, or leave the option out")
     decoding = checkpoint.get("decoding") or decoding_defaults(checkpoint["config"])
     do_sample = None  # None keeps the run's setting
     if sampling_given:
@@ -75,7 +81,8 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
     elif greedy or num_beams is not None:
         do_sample = False
     options = generation_options(decoding, top_k=top_k, temperature=temperature, do_sample=do_sample,
-                                 num_beams=1 if greedy else num_beams, max_length=max_length)
+                                 num_beams=1 if greedy else num_beams, max_length=max_length,
+                                 rerank_neighbors=rerank_neighbors)
     limit = None
     if model is not None:
         config = model.decoder.config
@@ -100,7 +107,8 @@ def load_pixels(image, image_size):
 def caption_images(model, tokenizer, checkpoint, images, batch_size=32, seed=None, **decoding):
     """Caption PIL images or image paths with a model from model.load_checkpoint; return the captions.
 
-    decoding takes decoding_options' overrides (top_k, temperature, num_beams, greedy, max_length).
+    decoding takes decoding_options' overrides (top_k, temperature, num_beams, greedy, max_length,
+    rerank_neighbors).
     seed (default: the run's seed) makes sampled captions repeatable for the same images and batch size.
     Raises OSError naming the first image that cannot be read, ValueError for invalid options.
     """
@@ -261,7 +269,7 @@ def load_for_command(args, checkpoint_arg):
     path, chosen = choose_checkpoint(checkpoint_arg, args.runs_dir, args.metric, getattr(args, "evaluate", None))
     model, tokenizer, checkpoint = load_checkpoint(path, device)
     options = decoding_options(checkpoint, model, args.top_k, args.temperature, args.num_beams, args.greedy,
-                               args.max_length)
+                               args.max_length, args.rerank_neighbors)
     seed = checkpoint["config"].get("seed", 0) if args.seed is None else args.seed
     torch.manual_seed(seed)
     return LoadedCheckpoint(model, tokenizer, checkpoint, str(path),
@@ -385,6 +393,9 @@ def build_parser():
     decoding.add_argument("--num-beams", type=int, help="beam width; without --top-k/--temperature, no sampling")
     decoding.add_argument("--greedy", action="store_true", help="most likely token at each step, one beam")
     decoding.add_argument("--max-length", type=int, help="maximum caption length in tokens, [BOS] included")
+    decoding.add_argument("--rerank-neighbors", type=int, metavar="N",
+                          help="keep the beam that agrees most with the captions of the N nearest training images; "
+                               "0 turns it off (needs a checkpoint trained with --rerank_neighbors)")
     decoding.add_argument("--seed", type=int, help="random seed of sampling (default: the run's seed)")
     return parser
 

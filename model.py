@@ -199,6 +199,7 @@ class ImageCaptioner(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.model_config = model_config
+        self.consensus = None  # consensus.ConsensusMemory of the training images, for rerank_neighbors
 
     def encode(self, pixel_values=None, features=None):
         if features is None:
@@ -213,13 +214,17 @@ class ImageCaptioner(nn.Module):
         return out.logits
 
     @torch.no_grad()
-    def generate(self, tokenizer, pixel_values=None, features=None, max_length=32, **kwargs):
+    def generate(self, tokenizer, pixel_values=None, features=None, max_length=32, rerank_neighbors=0, **kwargs):
         """Decode captions (B, <= max_length) with transformers' generate(); kwargs are its options.
 
         [BOS], [PAD] and [UNK] are never generated: label smoothing gives them a little
-        probability, which sampling would otherwise pick now and then.
+        probability, which sampling would otherwise pick now and then. With rerank_neighbors
+        and several beams, the beam kept for each image is chosen by consensus with the
+        captions of that many nearest training images (consensus.py).
         """
-        image = self.encode(pixel_values, features)
+        if features is None:
+            features = self.encoder.forward_backbone(pixel_values)
+        image = self.encoder.project(features)
         input_ids = torch.full((image.shape[0], 1), tokenizer.bos_id, dtype=torch.long, device=image.device)
         if self.model_config["decoder_kind"] == "bert":
             # BERT's cross-attention cache must be an EncoderDecoderCache in transformers 5.
@@ -227,10 +232,23 @@ class ImageCaptioner(nn.Module):
             kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
         suppressed = [i for i in (tokenizer.bos_id, tokenizer.pad_id, tokenizer.unk_id)
                       if i is not None and i != tokenizer.eos_id]
-        return self.decoder.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     encoder_hidden_states=image, max_length=max_length,
-                                     bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                                     pad_token_id=tokenizer.pad_id, suppress_tokens=suppressed, **kwargs)
+        beams = kwargs.get("num_beams", 1)
+        rerank = rerank_neighbors > 0 and beams > 1
+        if rerank:
+            if self.consensus is None:
+                raise ValueError("this checkpoint stores no training captions for consensus reranking; train it "
+                                 "with --rerank_neighbors N, or decode with --rerank-neighbors 0")
+            kwargs["num_return_sequences"] = beams
+        ids = self.decoder.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    encoder_hidden_states=image, max_length=max_length,
+                                    bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                                    pad_token_id=tokenizer.pad_id, suppress_tokens=suppressed, **kwargs)
+        if not rerank:
+            return ids
+        texts = tokenizer.decode(ids.cpu())
+        candidates = [texts[i * beams:(i + 1) * beams] for i in range(image.shape[0])]
+        chosen = torch.tensor(self.consensus.choose(candidates, features, rerank_neighbors), device=ids.device)
+        return ids.view(image.shape[0], beams, -1)[torch.arange(image.shape[0], device=ids.device), chosen]
 
 
 def caption_loss(logits, targets, label_smoothing=0.0):
@@ -399,6 +417,9 @@ def load_checkpoint(path, device="cpu"):
         model.encoder.load_state_dict(checkpoint["encoder_state_dict"])
         model.decoder.load_state_dict(checkpoint["decoder_state_dict"])
         tokenizer = CaptionTokenizer.from_state_dict(checkpoint["tokenizer"])
+        if checkpoint.get("consensus"):
+            from consensus import ConsensusMemory
+            model.consensus = ConsensusMemory.from_state_dict(checkpoint["consensus"])
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not match its model config "
                               f"({str(e).splitlines()[0][:300]})") from e

@@ -59,15 +59,19 @@ class CiderD:
 
     def score(self, caption, key, refs):
         """Score one normalised caption against the normalised references `refs` of image `key`."""
-        hyp, hyp_norms, hyp_len = self.vector(caption)
+        return self.score_vectors(self.vector(caption), self.reference_vectors(key, refs))
+
+    def score_vectors(self, hypothesis, references):
+        """CIDEr-D of a vector() against a list of reference vector()s."""
+        hyp, hyp_norms, hyp_len = hypothesis
         total = 0.0
-        for ref, ref_norms, ref_len in self.reference_vectors(key, refs):
+        for ref, ref_norms, ref_len in references:
             penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * self.sigma ** 2))
             for n in range(self.n_max):
                 if hyp_norms[n] and ref_norms[n]:
                     dot = sum(min(v, ref[n].get(g, 0.0)) * ref[n].get(g, 0.0) for g, v in hyp[n].items())
                     total += penalty * dot / (hyp_norms[n] * ref_norms[n])
-        return 10.0 * total / (self.n_max * max(len(refs), 1))
+        return 10.0 * total / (self.n_max * max(len(references), 1))
 
 
 class SelfCritical:

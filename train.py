@@ -73,9 +73,12 @@ SETTINGS = [
                                       "less compute goes to padding: 1.6x faster on Flickr8k"),
     ("max_steps", 400, int, "optimizer steps of the run"),
     ("epochs", None, float, "train this many passes over the training captions instead of --max_steps"),
-    ("scst_steps", 0, int, "self-critical steps after the cross-entropy ones: the model is fine-tuned at the "
-                           "base learning_rate on its own sampled captions, rewarded by CIDEr-D (0 = off)"),
-    ("scst_samples", 5, int, "captions sampled per image at each self-critical step (batch_size // this images)"),
+    ("scst_steps", 0, int, "self-critical steps after the cross-entropy ones: the model is fine-tuned on its "
+                           "own sampled captions, rewarded by their CIDEr-D (0 = off)"),
+    ("scst_images", 32, int, "training images per self-critical step"),
+    ("scst_samples", 5, int, "captions sampled per image at each self-critical step"),
+    ("scst_lr_multiplier", 3.0, float, "self-critical steps train parts from scratch at learning_rate times this "
+                                       "(constant), pretrained parts at learning_rate"),
     ("seed", 0, int, "seed of initialisation, data order and the validation split"),
     ("max_bad_steps", 10, int, "consecutive non-finite steps after which the run fails as diverged"),
     # validation and decoding
@@ -89,6 +92,8 @@ SETTINGS = [
     ("do_sample", True, bool, "sample validation captions with top_k/temperature (False: greedy or beam)"),
     ("num_beams", 1, int, "beam width of validation captions (1 = no beam search)"),
     ("no_repeat_ngram_size", 0, int, "forbid repeating n-grams of this size in captions (0 = off)"),
+    ("rerank_neighbors", 0, int, "keep the beam whose caption agrees most (CIDEr-D) with the captions of this many "
+                                 "nearest training images; stores them in the checkpoint (0 = off, consensus.py)"),
     # system
     ("device", "auto", str, "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:1 | mps"),
     ("precision", "auto", str, "auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32"),
@@ -152,11 +157,11 @@ def validate_config(config):
             raise ValueError(f"--{name}={value} is not a finite number; pass a finite value")
     for key in ("learning_rate", "batch_size", "max_steps", "d_model", "num_layers", "num_heads", "vocab_size",
                 "eval_interval", "log_interval", "max_bad_steps", "eval_max_images", "epochs", "scst_samples",
-                "temperature", "top_k", "num_beams"):
+                "scst_images", "temperature", "top_k", "num_beams"):
         if config[key] is not None and config[key] <= 0:
             raise ValueError(f"--{key}={config[key]} must be positive")
     for key in ("weight_decay", "grad_clip", "dropout", "label_smoothing", "warmup_steps", "scratch_lr_multiplier",
-                "scst_steps"):
+                "scst_steps", "scst_lr_multiplier", "rerank_neighbors"):
         if config[key] < 0:
             raise ValueError(f"--{key}={config[key]} must not be negative")
     for key in ("dropout", "label_smoothing"):
@@ -168,6 +173,9 @@ def validate_config(config):
     if config["scst_steps"] and config["scst_samples"] < 2:
         raise ValueError(f"--scst_samples={config['scst_samples']} leaves no other sample as the baseline; "
                          f"pass at least 2")
+    if config["rerank_neighbors"] and (config["num_beams"] < 2 or not config["freeze_encoder"]):
+        raise ValueError(f"--rerank_neighbors={config['rerank_neighbors']} reranks beams of a frozen encoder's "
+                         f"captions; pass --num_beams 2 or more and --freeze_encoder True, or --rerank_neighbors 0")
     if config["metric"] not in LOGGED_METRICS or not config["metric"].startswith("val/"):
         raise ValueError(f"--metric={config['metric']} is not a validation metric train.py logs; use one of "
                          f"{', '.join(m for m in LOGGED_METRICS if m.startswith('val/'))}")
@@ -250,6 +258,9 @@ def train(config, run, ctx, stop, resume_state=None):
     if config["epochs"]:
         xe_steps = max(1, math.ceil(config["epochs"] * len(train_inputs) / config["batch_size"]))
     total_steps = xe_steps + config["scst_steps"]
+    if config["rerank_neighbors"]:
+        from consensus import ConsensusMemory
+        model.consensus = ConsensusMemory.from_split(train_inputs)
     optimizer = training.make_optimizer(model, config)
     scheduler = training.make_scheduler(optimizer, config, xe_steps)
     scst = None
@@ -257,7 +268,7 @@ def train(config, run, ctx, stop, resume_state=None):
         from scst import SelfCritical
         scst = SelfCritical(train_inputs, tokenizer, config["scst_samples"], config["max_caption_length"],
                             config["seed"])
-        scst_images = max(ctx.world_size, config["batch_size"] // config["scst_samples"])
+        scst_images = max(ctx.world_size, config["scst_images"])
     autocast, precision = training.autocast_factory(config["precision"], ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
     run_id = training.resolve_run_id(run, resume_state)
@@ -298,8 +309,8 @@ def train(config, run, ctx, stop, resume_state=None):
                 logits = net(input_ids.to(ctx.device), attention_mask.to(ctx.device), **inputs)  # (B, L, V)
             loss = caption_loss(logits, targets.to(ctx.device), config["label_smoothing"])
         else:
-            for group in optimizer.param_groups:  # every part fine-tunes at the base rate
-                group["lr"] = config["learning_rate"]
+            for group in optimizer.param_groups:  # a constant rate, lower than the cross-entropy peak
+                group["lr"] = config["learning_rate"] * (config["scst_lr_multiplier"] if group["scratch"] else 1.0)
             rows = scst.image_rows(state.step - xe_steps, scst_images)[ctx.rank::ctx.world_size]
             loss, reward = scst.loss(model, net, rows, ctx.device, autocast)
             window_reward += reward

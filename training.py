@@ -208,7 +208,8 @@ def make_optimizer(model, config):
         decay = param.ndim >= 2 and "wte" not in name and "wpe" not in name and "embeddings" not in name
         lr = config["learning_rate"] * (config["scratch_lr_multiplier"] if is_scratch else 1.0)
         key = (is_scratch, decay)
-        groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": config["weight_decay"] if decay else 0.0})
+        groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": config["weight_decay"] if decay else 0.0,
+                                "scratch": is_scratch})
         groups[key]["params"].append(param)
     kind = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
     ordered = [groups[k] for k in sorted(groups)]
@@ -225,7 +226,7 @@ def make_scheduler(optimizer, config, total_steps):
 def decoding_defaults(config):
     return {"do_sample": config["do_sample"], "top_k": config["top_k"], "temperature": config["temperature"],
             "num_beams": config["num_beams"], "no_repeat_ngram_size": config["no_repeat_ngram_size"],
-            "max_length": config["max_caption_length"]}
+            "rerank_neighbors": config.get("rerank_neighbors", 0), "max_length": config["max_caption_length"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -362,6 +363,7 @@ def build_checkpoint(state, status, reason):
         "decoding": decoding_defaults(config), "metrics": best["metrics"],
         "final_train_loss": state.last_train_loss, "total_steps": state.step, "wandb_run_id": state.run_id,
         "status": status, "metadata": metadata,
+        **({"consensus": state.model.consensus.state_dict()} if state.model.consensus is not None else {}),
     }
 
 

@@ -4,6 +4,7 @@ run that switches from cross-entropy to self-critical steps.
     python -m pytest -q tests/test_scst.py
 """
 
+import pytest
 import torch
 
 from conftest import TINY_TRAIN_ARGS, run_script
@@ -52,9 +53,11 @@ def test_run_switches_to_self_critical_steps(tmp_path):
     assert checkpoint["config"]["scst_steps"] == 6
     rewards = [h["train/reward"] for h in checkpoint["metadata"]["history"] if "train/reward" in h]
     assert len(rewards) == 2 and all(r >= 0.0 for r in rewards)
-    # the self-critical steps run at the base learning rate, not the scratch multiple
+    # parts from scratch take the self-critical multiple of the base rate, not the cross-entropy one
+    config = checkpoint["config"]
     lrs = [h["train/lr"] for h in checkpoint["metadata"]["history"] if "train/reward" in h]
-    assert lrs == [checkpoint["config"]["learning_rate"]] * 2
+    assert lrs == [pytest.approx(config["learning_rate"] * config["scst_lr_multiplier"])] * 2
+    assert config["scst_lr_multiplier"] != config["scratch_lr_multiplier"]
 
 
 def test_single_sample_rejected(tmp_path):
