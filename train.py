@@ -398,7 +398,8 @@ def main(argv=None):
     try:
         resume_state = training.find_resume_state(config)
         if resume_state is not None:
-            config = {**resume_state["config"], "resume": config["resume"]}
+            # settings added since the state was saved take their defaults
+            config = {**DEFAULTS, **resume_state["config"], "resume": config["resume"]}
         validate_config(config)
     except (ValueError, CheckpointError) as e:
         log.error("%s", e)

@@ -44,21 +44,27 @@ log = logging.getLogger("caption_quality")
 class TrainingFailed(RuntimeError):
     """train.py exited with an error or wrote no checkpoint."""
 
+
+def named_decoding(num_beams=1, no_repeat=0, penalty=1.0, rerank=0, **sampling):
+    """generate() overrides of a named decoding; top_k and temperature in `sampling` turn sampling on."""
+    return {"do_sample": bool(sampling), "num_beams": num_beams, "no_repeat_ngram_size": no_repeat,
+            "repetition_penalty": penalty, "rerank_neighbors": rerank, **sampling}
+
+
 # Named decodings: overrides of the checkpoint's stored decoding options for generate().
 DECODINGS = {
-    "greedy": {"do_sample": False, "num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0},
-    "greedy_guarded": {"do_sample": False, "num_beams": 1, "no_repeat_ngram_size": 3, "repetition_penalty": 1.0},
-    "beam3": {"do_sample": False, "num_beams": 3, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0},
-    "beam3_guarded": {"do_sample": False, "num_beams": 3, "no_repeat_ngram_size": 3, "repetition_penalty": 1.0},
-    "beam5": {"do_sample": False, "num_beams": 5, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0},
-    "beam5_guarded": {"do_sample": False, "num_beams": 5, "no_repeat_ngram_size": 3, "repetition_penalty": 1.0},
-    "sample": {"do_sample": True, "num_beams": 1, "top_k": 50, "temperature": 1.0, "no_repeat_ngram_size": 0,
-               "repetition_penalty": 1.0},
-    "sample_guarded": {"do_sample": True, "num_beams": 1, "top_k": 50, "temperature": 1.0,
-                       "no_repeat_ngram_size": 3, "repetition_penalty": 1.2},
-    "sample_t05": {"do_sample": True, "num_beams": 1, "top_k": 50, "temperature": 0.5, "no_repeat_ngram_size": 0,
-                   "repetition_penalty": 1.0},
-    "greedy_penalty": {"do_sample": False, "num_beams": 1, "no_repeat_ngram_size": 0, "repetition_penalty": 1.2},
+    "greedy": named_decoding(),
+    "greedy_guarded": named_decoding(no_repeat=3),
+    "greedy_penalty": named_decoding(penalty=1.2),
+    "beam3": named_decoding(3),
+    "beam3_guarded": named_decoding(3, no_repeat=3),
+    "beam5": named_decoding(5),
+    "beam5_guarded": named_decoding(5, no_repeat=3),
+    "beam8_guarded": named_decoding(8, no_repeat=3),
+    "beam8_rerank15": named_decoding(8, no_repeat=3, rerank=15),
+    "sample": named_decoding(top_k=50, temperature=1.0),
+    "sample_guarded": named_decoding(no_repeat=3, penalty=1.2, top_k=50, temperature=1.0),
+    "sample_t05": named_decoding(top_k=50, temperature=0.5),
 }
 TABLE_COLUMNS = ("recipe", "decoding", "seed", "wall min", "steps", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4",
                  "CIDEr", "ROUGE-L", "METEOR", "distinct %", "repeat3 %", "[UNK] %")
@@ -72,7 +78,7 @@ def parse_decoding(text):
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep or key not in ("do_sample", "num_beams", "top_k", "temperature", "no_repeat_ngram_size",
-                                  "repetition_penalty", "max_length"):
+                                  "repetition_penalty", "max_length", "rerank_neighbors"):
             raise argparse.ArgumentTypeError(
                 f"unknown decoding {text!r}; use one of {', '.join(DECODINGS)} or key=value pairs such as "
                 f"num_beams=4,no_repeat_ngram_size=3")

@@ -461,7 +461,10 @@ def test_decoding_overrides(tiny_checkpoint, photo, capsys):
                                             (["--max-length", "1"], "--max-length=1"),
                                             (["--temperature", "0"], "--temperature=0"),
                                             (["--top-k", "0"], "--top-k=0"),
-                                            (["--greedy", "--top-k", "5"], "--greedy")])
+                                            (["--greedy", "--top-k", "5"], "--greedy"),
+                                            (["--rerank-neighbors", "-1"], "--rerank-neighbors=-1"),
+                                            # the tiny run stored no training images to rerank with
+                                            (["--rerank-neighbors", "5"], "--rerank-neighbors=5")])
 def test_invalid_decoding_rejected(options, named, tiny_checkpoint, photo, capsys):
     code, out, err = run_main([photo, tiny_checkpoint, *options], capsys)
     assert code == inference.EXIT_INVALID
