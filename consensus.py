@@ -52,7 +52,7 @@ class ConsensusMemory:
 
     @classmethod
     def from_state_dict(cls, state):
-        return cls(state["features"], state["captions"])
+        return cls(state["features"].cpu(), state["captions"])  # neighbours are searched on the CPU
 
     @property
     def cider(self):

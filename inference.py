@@ -71,9 +71,6 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
         raise ValueError(f"--temperature={temperature} must be positive")
     if rerank_neighbors is not None and rerank_neighbors < 0:
         raise ValueError(f"--rerank-neighbors={rerank_neighbors} must not be negative (0 turns reranking off)")
-    if rerank_neighbors and model is not None and model.consensus is None:
-        raise ValueError(f"--rerank-neighbors={rerank_neighbors}: this checkpoint stores no training captions to "
-                         f"rerank with; train with --rerank_neighbors N, or leave the option out")
     decoding = checkpoint.get("decoding") or decoding_defaults(checkpoint["config"])
     do_sample = None  # None keeps the run's setting
     if sampling_given:
@@ -83,6 +80,12 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
     options = generation_options(decoding, top_k=top_k, temperature=temperature, do_sample=do_sample,
                                  num_beams=1 if greedy else num_beams, max_length=max_length,
                                  rerank_neighbors=rerank_neighbors)
+    if rerank_neighbors and options["num_beams"] < 2:
+        raise ValueError(f"--rerank-neighbors={rerank_neighbors} chooses among beams, but decoding uses one; "
+                         f"add --num-beams 2 or more")
+    if rerank_neighbors and model is not None and model.consensus is None:
+        raise ValueError(f"--rerank-neighbors={rerank_neighbors}: this checkpoint stores no training captions to "
+                         f"rerank with; train with --rerank_neighbors N, or leave the option out")
     limit = None
     if model is not None:
         config = model.decoder.config

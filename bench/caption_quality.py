@@ -99,6 +99,12 @@ def score_split(checkpoint_path, data_dir, split, decodings, cache_dir, batch_si
     rows = inputs.valid_rows
     references = {r: inputs.references[r] for r in rows}
     names = [os.path.basename(inputs.names[r]) for r in rows]
+    if model.consensus is None and any(o.get("rerank_neighbors") for _, o in decodings):
+        # A checkpoint trained without --rerank_neighbors: build the memory of its training
+        # images here, as train.py would have stored it.
+        from consensus import ConsensusMemory
+        train = prepare_split("train", data, split_indices(data)["train"], model, tokenizer, config, device)
+        model.consensus = ConsensusMemory.from_split(train)
     results = []
     for name, overrides in decodings:
         options = generation_options(checkpoint["decoding"], **overrides)

@@ -12,6 +12,7 @@ from conftest import TINY_TRAIN_ARGS, run_script
 from consensus import ConsensusMemory
 from data_pipeline import prepare_split
 from dataset import load_captions, split_indices
+from evaluation import normalize_caption
 from model import load_checkpoint, read_checkpoint
 
 RERANK_ARGS = [*TINY_TRAIN_ARGS, "--do_sample", "False", "--num_beams", "3", "--rerank_neighbors", "4",
@@ -46,7 +47,8 @@ def test_run_stores_memory_and_reranks(tmp_path):
     stored = checkpoint["consensus"]
     assert stored["features"].dtype == torch.float16
     assert stored["features"].shape == (len(stored["captions"]), checkpoint["model_config"]["encoder_dim"])
-    assert all(len(captions) == 5 for captions in stored["captions"])
+    assert all(captions for captions in stored["captions"])
+    assert all(c == normalize_caption(c) for captions in stored["captions"] for c in captions)
     assert checkpoint["decoding"]["rerank_neighbors"] == 4
 
     # generate() keeps, for every image, the beam the memory chooses
