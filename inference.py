@@ -52,7 +52,7 @@ EXIT_OK, EXIT_UNREADABLE_IMAGES, EXIT_INVALID = 0, 1, 2
 # Decoding and preprocessing, both taken from the checkpoint
 
 def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_beams=None, greedy=False,
-                     max_length=None, rerank_neighbors=None):
+                     max_length=None, rerank_neighbors=None, path=None):
     """Return generate() options: the run's decoding settings with these overrides; raise ValueError.
 
     --top-k or --temperature turn sampling on; --num-beams alone turns it off (plain beam search);
@@ -84,8 +84,8 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
         raise ValueError(f"--rerank-neighbors={rerank_neighbors} chooses among beams, but decoding uses one; "
                          f"add --num-beams 2 or more")
     if rerank_neighbors and model is not None and model.consensus is None:
-        raise ValueError(f"--rerank-neighbors={rerank_neighbors}: this checkpoint stores no training captions to "
-                         f"rerank with; train with --rerank_neighbors N, or leave the option out")
+        raise ValueError(f"--rerank-neighbors={rerank_neighbors}: {path or 'this checkpoint'} stores no training "
+                         f"captions to rerank with; train with --rerank_neighbors N, or leave the option out")
     limit = None
     if model is not None:
         config = model.decoder.config
@@ -272,7 +272,7 @@ def load_for_command(args, checkpoint_arg):
     path, chosen = choose_checkpoint(checkpoint_arg, args.runs_dir, args.metric, getattr(args, "evaluate", None))
     model, tokenizer, checkpoint = load_checkpoint(path, device)
     options = decoding_options(checkpoint, model, args.top_k, args.temperature, args.num_beams, args.greedy,
-                               args.max_length, args.rerank_neighbors)
+                               args.max_length, args.rerank_neighbors, path=path)
     seed = checkpoint["config"].get("seed", 0) if args.seed is None else args.seed
     torch.manual_seed(seed)
     return LoadedCheckpoint(model, tokenizer, checkpoint, str(path),
@@ -397,8 +397,9 @@ def build_parser():
     decoding.add_argument("--greedy", action="store_true", help="most likely token at each step, one beam")
     decoding.add_argument("--max-length", type=int, help="maximum caption length in tokens, [BOS] included")
     decoding.add_argument("--rerank-neighbors", type=int, metavar="N",
-                          help="keep the beam that agrees most with the captions of the N nearest training images; "
-                               "0 turns it off (needs a checkpoint trained with --rerank_neighbors)")
+                          help="keep the beam that agrees most with the captions of the N nearest training images "
+                               "(all of them at most); 0 turns it off (needs a checkpoint trained with "
+                               "--rerank_neighbors)")
     decoding.add_argument("--seed", type=int, help="random seed of sampling (default: the run's seed)")
     return parser
 

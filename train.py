@@ -93,7 +93,9 @@ SETTINGS = [
     ("num_beams", 1, int, "beam width of validation captions (1 = no beam search)"),
     ("no_repeat_ngram_size", 0, int, "forbid repeating n-grams of this size in captions (0 = off)"),
     ("rerank_neighbors", 0, int, "keep the beam whose caption agrees most (CIDEr-D) with the captions of this many "
-                                 "nearest training images; stores them in the checkpoint (0 = off, consensus.py)"),
+                                 "nearest training images (all of them at most); needs --num_beams 2+, --do_sample False "
+                                 "and a frozen encoder; stores every training image's pooled features and captions "
+                                 "in the checkpoint, 15 MB for Flickr8k (0 = off, consensus.py)"),
     # system
     ("device", "auto", str, "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:1 | mps"),
     ("precision", "auto", str, "auto (bf16 on GPUs that support it, else fp32) | bf16 | fp16 | fp32"),
@@ -173,9 +175,17 @@ def validate_config(config):
     if config["scst_steps"] and config["scst_samples"] < 2:
         raise ValueError(f"--scst_samples={config['scst_samples']} leaves no other sample as the baseline; "
                          f"pass at least 2")
-    if config["rerank_neighbors"] and (config["num_beams"] < 2 or not config["freeze_encoder"]):
-        raise ValueError(f"--rerank_neighbors={config['rerank_neighbors']} reranks beams of a frozen encoder's "
-                         f"captions; pass --num_beams 2 or more and --freeze_encoder True, or --rerank_neighbors 0")
+    if config["rerank_neighbors"]:
+        option = f"--rerank_neighbors={config['rerank_neighbors']}"
+        if config["num_beams"] < 2:
+            raise ValueError(f"{option} chooses among beams, but --num_beams={config['num_beams']}; pass --num_beams 2 "
+                             f"or more (8 in the README's recipe), or --rerank_neighbors 0")
+        if config["do_sample"]:
+            raise ValueError(f"{option} reranks beam-search captions, but --do_sample=True samples the beams; "
+                             f"pass --do_sample False, or --rerank_neighbors 0")
+        if not config["freeze_encoder"]:
+            raise ValueError(f"{option} stores the features of the frozen backbone, but --freeze_encoder=False "
+                             f"fine-tunes it; pass --freeze_encoder True, or --rerank_neighbors 0")
     if config["metric"] not in LOGGED_METRICS or not config["metric"].startswith("val/"):
         raise ValueError(f"--metric={config['metric']} is not a validation metric train.py logs; use one of "
                          f"{', '.join(m for m in LOGGED_METRICS if m.startswith('val/'))}")

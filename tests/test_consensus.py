@@ -74,9 +74,11 @@ def test_run_stores_memory_and_reranks(tmp_path):
         assert decoding.get("rerank_neighbors") == expected
 
 
-def test_rerank_needs_beams_and_frozen_encoder(tmp_path):
-    for extra in (["--num_beams", "1"], ["--freeze_encoder", "False"]):
+def test_rerank_needs_beam_search_and_frozen_encoder(tmp_path):
+    for extra, named in ((["--num_beams", "1"], "but --num_beams=1"),
+                         (["--do_sample", "True"], "but --do_sample=True"),
+                         (["--freeze_encoder", "False"], "but --freeze_encoder=False")):
         result = run_script("train.py", [*RERANK_ARGS, *extra], tmp_path)
         assert result.returncode == 2
-        assert "--rerank_neighbors=4 reranks beams of a frozen encoder's captions" in result.stderr
+        assert f"--rerank_neighbors=4" in result.stderr and named in result.stderr, result.stderr[-1000:]
     assert not (tmp_path / "saved_models" / "sweep_runs").exists()

@@ -465,7 +465,7 @@ def test_decoding_overrides(tiny_checkpoint, photo, capsys):
                                             (["--rerank-neighbors", "-1"], "--rerank-neighbors=-1"),
                                             (["--rerank-neighbors", "3", "--greedy"], "--rerank-neighbors=3 chooses among beams"),
                                             # the tiny run stored no training images to rerank with
-                                            (["--rerank-neighbors", "5", "--num-beams", "2"], "stores no training captions")])
+                                            (["--rerank-neighbors", "5", "--num-beams", "2"], ".pth stores no training captions")])
 def test_invalid_decoding_rejected(options, named, tiny_checkpoint, photo, capsys):
     code, out, err = run_main([photo, tiny_checkpoint, *options], capsys)
     assert code == inference.EXIT_INVALID
