@@ -96,6 +96,22 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
     return options
 
 
+def decoding_name(options):
+    """Return a file-name tag of generate() options, such as greedy, beam8-norepeat3-rerank15 or sample-k50-t1."""
+    beams = options.get("num_beams", 1)
+    if options.get("do_sample"):
+        parts = [f"sample-k{options['top_k']}-t{options['temperature']:g}"] + ([f"beam{beams}"] if beams > 1 else [])
+    else:
+        parts = ["greedy" if beams == 1 else f"beam{beams}"]
+    if options.get("no_repeat_ngram_size"):
+        parts.append(f"norepeat{options['no_repeat_ngram_size']}")
+    if options.get("repetition_penalty"):
+        parts.append(f"penalty{options['repetition_penalty']:g}")
+    if options.get("rerank_neighbors"):
+        parts.append(f"rerank{options['rerank_neighbors']}")
+    return "-".join(parts)
+
+
 def load_pixels(image, image_size):
     """Decode a path or a PIL image into uint8 (3, S, S) pixels as training does; raise OSError.
 
@@ -322,7 +338,9 @@ def evaluate_command(args, checkpoint_arg):
     """Caption and score a split of --evaluate DATA; print the scores and write every caption to JSON."""
     from captioning import evaluate_split, print_scores, write_json
     loaded = load_for_command(args, checkpoint_arg)
-    output = Path(args.output or Path(EVALUATIONS_DIR) / f"{Path(loaded.path).stem}_{args.split}.json")
+    # The decoding is part of the default name, so scoring one checkpoint two ways keeps both files.
+    default = f"{Path(loaded.path).stem}_{args.split}_{decoding_name(loaded.options)}.json"
+    output = Path(args.output or Path(EVALUATIONS_DIR) / default)
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; pass a file name such as {output / 'captions.json'}")
     try:
@@ -386,7 +404,7 @@ def build_parser():
                           help="split to score (default: %(default)s)")
     evaluate.add_argument("--max-images", type=positive_int, help="score only the split's first N images")
     evaluate.add_argument("--output", help=f"JSON file of every caption (default: {EVALUATIONS_DIR}/"
-                                           f"CHECKPOINT_SPLIT.json)")
+                                           f"CHECKPOINT_SPLIT_DECODING.json, DECODING such as beam8-norepeat3-rerank15)")
     evaluate.add_argument("--no-meteor", action="store_true",
                           help="skip METEOR, which starts a Java process (about 15 s on a 2-core CPU)")
 

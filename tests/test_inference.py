@@ -473,6 +473,17 @@ def test_invalid_decoding_rejected(options, named, tiny_checkpoint, photo, capsy
     assert f"{photo}:" not in out
 
 
+@pytest.mark.parametrize("options, name", [
+    ({"num_beams": 1, "do_sample": False}, "greedy"),
+    ({"num_beams": 8, "do_sample": False, "no_repeat_ngram_size": 3, "rerank_neighbors": 15},
+     "beam8-norepeat3-rerank15"),
+    ({"num_beams": 1, "do_sample": True, "top_k": 50, "temperature": 0.7, "repetition_penalty": 1.2},
+     "sample-k50-t0.7-penalty1.2"),
+    ({"num_beams": 3, "do_sample": True, "top_k": 10, "temperature": 1.0}, "sample-k10-t1-beam3")])
+def test_decoding_name_per_option(options, name):
+    assert inference.decoding_name(options) == name
+
+
 # --------------------------------------------------------------------------------------
 # Python API
 
@@ -555,7 +566,8 @@ def test_evaluate_csv_with_unreadable_image(tiny_checkpoint, tmp_path, capsys, m
     monkeypatch.chdir(tmp_path)
     code, out, err = run_main(["--evaluate", data, "--split", "test", "--no-meteor", tiny_checkpoint], capsys)
     assert code == inference.EXIT_UNREADABLE_IMAGES
-    output = tmp_path / "saved_models" / "evaluations" / f"{tiny_checkpoint.stem}_test.json"
+    # the tiny run samples its captions with top-k 50 at temperature 1
+    output = tmp_path / "saved_models" / "evaluations" / f"{tiny_checkpoint.stem}_test_sample-k50-t1.json"
     assert f"captions: {output.relative_to(tmp_path)}" in out
     document = json.loads(output.read_text())
     assert [Path(r["image"]).name for r in document["captions"]] == ["a.png", "b.png", "e.png"]
