@@ -444,6 +444,10 @@ class CaptionTokenizer:
     """
 
     def __init__(self, tokenizer, bos_id, eos_id, pad_id, unk_id=None):
+        # encode() adds the special tokens, cuts and pads itself. A tokenizer that pads on its own
+        # (MiniLM's pads every caption to 128 tokens) would push [EOS] behind its padding.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
 
@@ -514,7 +518,7 @@ def train_tokenizer(captions, vocab_size=5000, min_frequency=2):
 
 def pretrained_tokenizer(hf_tokenizer):
     """Wrap a transformers fast tokenizer (for a pretrained decoder) as a CaptionTokenizer."""
-    backend = hf_tokenizer.backend_tokenizer
+    backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())  # a copy: CaptionTokenizer changes it
     bos = hf_tokenizer.bos_token_id if hf_tokenizer.bos_token_id is not None else hf_tokenizer.cls_token_id
     eos = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else hf_tokenizer.sep_token_id
     pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else eos

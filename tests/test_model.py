@@ -156,6 +156,12 @@ def test_minilm_decoder_warm_start(tmp_path):
     saved = checkpoint["decoder_state_dict"]["bert." + key.removeprefix("bert.")]
     # Two steps at a 3e-5 base rate move pretrained weights only slightly from MiniLM's.
     assert torch.allclose(saved, pretrained[key], atol=1e-2)
+    # Captions end in [SEP] right after their last word, although MiniLM's tokenizer pads to 128 tokens.
+    _, tokenizer, _ = load_checkpoint(path, "cpu")
+    ids, lengths = tokenizer.encode(["a dog runs.", "two men"], 16)
+    assert lengths.tolist() == [6, 4]
+    assert ids[0, :6].tolist() == [tokenizer.bos_id, 1037, 3899, 3216, 1012, tokenizer.eos_id]
+    assert ids[1, 4:].eq(tokenizer.pad_id).all()
 
 
 def test_read_checkpoint_errors(tmp_path):
