@@ -67,8 +67,8 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
     for name, value in (("--top-k", top_k), ("--num-beams", num_beams)):
         if value is not None and value < 1:
             raise ValueError(f"{name}={value} must be at least 1")
-    if temperature is not None and not temperature > 0:
-        raise ValueError(f"--temperature={temperature} must be positive")
+    if temperature is not None and not 0 < temperature < math.inf:
+        raise ValueError(f"--temperature={temperature} must be positive and finite")
     if rerank_neighbors is not None and rerank_neighbors < 0:
         raise ValueError(f"--rerank-neighbors={rerank_neighbors} must not be negative (0 turns reranking off)")
     decoding = checkpoint.get("decoding") or decoding_defaults(checkpoint["config"])
@@ -83,6 +83,9 @@ def decoding_options(checkpoint, model=None, top_k=None, temperature=None, num_b
     if rerank_neighbors and options["num_beams"] < 2:
         raise ValueError(f"--rerank-neighbors={rerank_neighbors} chooses among beams, but decoding uses one; "
                          f"add --num-beams 2 or more")
+    if options.get("rerank_neighbors") and options["do_sample"]:
+        raise ValueError(f"rerank_neighbors={options['rerank_neighbors']} reranks beam-search captions, but "
+                         f"--top-k/--temperature sample them; add --rerank-neighbors 0 to sample, or leave both out")
     if rerank_neighbors and model is not None and model.consensus is None:
         raise ValueError(f"--rerank-neighbors={rerank_neighbors}: {path or 'this checkpoint'} stores no training "
                          f"captions to rerank with; train with --rerank_neighbors N, or leave the option out")
@@ -214,21 +217,6 @@ def describe_checkpoint(path, chosen, checkpoint, metric):
     return f"checkpoint: {path} ({metric} {score}, run {meta.get('run_id', '?')}, {meta.get('status', '?')})"
 
 
-def resolve_device(name):
-    """CUDA, then Apple MPS, then CPU for 'auto'; raise ValueError for a device this machine lacks."""
-    import torch
-    from training import resolve_device as auto_device
-    try:
-        device = auto_device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device={name} is not a device name ({e}); use auto, cpu, cuda, cuda:1 or mps") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={name}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device={name}: Apple MPS is not available on this machine; use --device cpu or auto")
-    return device
-
-
 def json_safe(value):
     """Replace NaN and infinity by None, recursively, so the output is valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -282,9 +270,10 @@ def load_for_command(args, checkpoint_arg):
     """Choose the checkpoint, load it on the device, resolve decoding and seed the sampler."""
     import torch
     from model import load_checkpoint
+    from training import resolve_device
     from transformers.utils import logging as transformers_logging
     transformers_logging.set_verbosity_error()  # keep transformers warnings (padding advice) out of the output
-    device = resolve_device(args.device)
+    device = resolve_device(args.device)  # ValueError for a device this machine lacks
     path, chosen = choose_checkpoint(checkpoint_arg, args.runs_dir, args.metric, getattr(args, "evaluate", None))
     model, tokenizer, checkpoint = load_checkpoint(path, device)
     options = decoding_options(checkpoint, model, args.top_k, args.temperature, args.num_beams, args.greedy,
@@ -338,8 +327,13 @@ def evaluate_command(args, checkpoint_arg):
     """Caption and score a split of --evaluate DATA; print the scores and write every caption to JSON."""
     from captioning import evaluate_split, print_scores, write_json
     loaded = load_for_command(args, checkpoint_arg)
-    # The decoding is part of the default name, so scoring one checkpoint two ways keeps both files.
-    default = f"{Path(loaded.path).stem}_{args.split}_{decoding_name(loaded.options)}.json"
+    # The data, split, decoding and image limit are part of the default name, so scoring one
+    # checkpoint two ways keeps both files.
+    data_name = "builtin" if args.evaluate == "builtin" else Path(args.evaluate).resolve().stem
+    tag = decoding_name(loaded.options)
+    tag += f"-len{args.max_length}" if args.max_length else ""
+    tag += f"-first{args.max_images}" if args.max_images else ""
+    default = f"{Path(loaded.path).stem}_{data_name}_{args.split}_{tag}.json"
     output = Path(args.output or Path(EVALUATIONS_DIR) / default)
     if output.is_dir():
         raise ValueError(f"--output {output} is a folder; pass a file name such as {output / 'captions.json'}")
@@ -400,11 +394,11 @@ def build_parser():
                       help="caption and score a split of DATA ('builtin' or a dataset path, see dataset.py)")
 
     evaluate = parser.add_argument_group("--evaluate")
-    evaluate.add_argument("--split", default="test", choices=("test", "val", "train"),
-                          help="split to score (default: %(default)s)")
+    evaluate.add_argument("--split", choices=("test", "val", "train"), help="split to score (default: test)")
     evaluate.add_argument("--max-images", type=positive_int, help="score only the split's first N images")
     evaluate.add_argument("--output", help=f"JSON file of every caption (default: {EVALUATIONS_DIR}/"
-                                           f"CHECKPOINT_SPLIT_DECODING.json, DECODING such as beam8-norepeat3-rerank15)")
+                                           f"CHECKPOINT_DATA_SPLIT_DECODING.json, DECODING such as beam8-norepeat3-rerank15, "
+                                           f"with -lenN and -firstN for --max-length and --max-images)")
     evaluate.add_argument("--no-meteor", action="store_true",
                           help="skip METEOR, which starts a Java process (about 15 s on a 2-core CPU)")
 
@@ -439,7 +433,14 @@ def main(argv=None):
         if args.evaluate is not None:
             if images:
                 raise ValueError(f"--evaluate scores a dataset split and takes no images (got {images[0]})")
+            args.split = args.split or "test"
             return evaluate_command(args, checkpoint_arg)
+        evaluate_only = [name for name, value in (("--split", args.split), ("--max-images", args.max_images),
+                                                  ("--output", args.output), ("--no-meteor", args.no_meteor))
+                         if value]
+        if evaluate_only:
+            raise ValueError(f"{', '.join(evaluate_only)} only apply to --evaluate DATA; leave them out to caption "
+                             f"images")
         return caption_command(args, images, checkpoint_arg)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError and DataError are ValueErrors
         report_error(str(e).replace("\n", " "))

@@ -370,6 +370,13 @@ def read_checkpoint(path, device="cpu", mmap=False):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0][:200]}); "
                               f"delete it or retrain the run") from e
+    if not mmap:
+        # torch.load does not check the archive's CRCs, so flipped bits in the weights would load.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupt: the data of {damaged} fails its CRC check; "
+                                  f"delete it or retrain the run")
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path} contains a {type(checkpoint).__name__}, not a dict of this "
                               f"project's checkpoint format")

@@ -66,6 +66,9 @@ def prepare_config(args, local):
     overrides = {"data": args.data}
     if local:
         overrides.update(wandb_project=args.project, wandb_entity=args.entity)
+    if args.data is not None and args.data != "builtin" and not Path(args.data).exists():
+        raise SweepConfigError(f"--data {args.data} was not found; pass a dataset folder or file (see the README's "
+                               f"'Train on your own data') or builtin")
     for name, value in overrides.items():
         if value is not None and not is_train:
             raise SweepConfigError(f"{args.config}: --{name.split('_')[-1]} is passed to train.py as --{name}, "

@@ -227,6 +227,11 @@ class Agent:
         if self.interrupts:
             log.warning("agent stopped; continue the sweep with: python simple_sweep.py --agent %s", self.sweep_id)
             return 130
+        if done and len(failures) == done:
+            first = self.store.run(failures[0])
+            log.error("all %d runs of this agent failed. The first, run %s (exit status %s), ended with:\n%s",
+                      done, first.run_id, first.exit_code, first.error_tail)
+            return 1
         return 0
 
     def run_trial(self, run):

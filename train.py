@@ -166,9 +166,14 @@ def validate_config(config):
                 "scst_steps", "scst_lr_multiplier", "rerank_neighbors"):
         if config[key] < 0:
             raise ValueError(f"--{key}={config[key]} must not be negative")
-    for key in ("dropout", "label_smoothing"):
+    for key in ("dropout", "label_smoothing", "adam_beta2"):
         if config[key] >= 1:
             raise ValueError(f"--{key}={config[key]} must be below 1")
+    if not 0 <= config["adam_beta2"]:
+        raise ValueError(f"--adam_beta2={config['adam_beta2']} must be in [0, 1); 0.98 or 0.999 are usual")
+    if not 0 < config["val_fraction"] < 1:
+        raise ValueError(f"--val_fraction={config['val_fraction']} must be between 0 and 1 (0.1 holds out 10% of "
+                         f"the images when the data has no official split)")
     if config["max_caption_length"] < 3:
         raise ValueError(f"--max_caption_length={config['max_caption_length']} leaves no room for a word between "
                          f"[BOS] and [EOS]; pass at least 3")
@@ -411,6 +416,7 @@ def main(argv=None):
             # settings added since the state was saved take their defaults
             config = {**DEFAULTS, **resume_state["config"], "resume": config["resume"]}
         validate_config(config)
+        training.resolve_device(config["device"])  # a device this machine lacks fails here, before W&B starts
     except (ValueError, CheckpointError) as e:
         log.error("%s", e)
         return 2

@@ -75,8 +75,17 @@ class DistContext:
 
 
 def resolve_device(name, local_rank=0):
+    """CUDA, then Apple MPS, then CPU for 'auto'; raise ValueError for a device this machine lacks."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"--device={name} is not a device name ({e}); use auto, cpu, cuda, cuda:1 or mps") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device={name}: CUDA is not available on this machine; use --device cpu or auto")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device={name}: Apple MPS is not available on this machine; use --device cpu or auto")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -307,6 +316,9 @@ def find_resume_state(config):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"resume state {path} cannot be read ({e}); start the run again without --resume")
+    if not isinstance(state, dict) or "run_id" not in state or "optimizer" not in state:
+        raise CheckpointError(f"{path} is not a resume state (train.py writes those to {config['resume_dir']}/ on "
+                              f"SIGTERM; a finished run's .pth cannot be continued); start a new run without --resume")
     log.info("resuming run %s from %s at step %d", state["run_id"], path, state["step"])
     return state
 

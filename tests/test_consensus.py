@@ -72,6 +72,10 @@ def test_run_stores_memory_and_reranks(tmp_path):
         assert scored.returncode == 0, scored.stderr[-2000:]
         decoding = json.loads((tmp_path / "eval.json").read_text())["decoding"]
         assert decoding.get("rerank_neighbors") == expected
+    # sampling the stored beams would rerank random captions, so it needs reranking turned off
+    sampled = run_script("inference.py", [*args, "--top-k", "5"], tmp_path)
+    assert sampled.returncode == 2
+    assert "rerank_neighbors=4 reranks beam-search captions, but --top-k/--temperature sample them" in sampled.stderr
 
 
 def test_rerank_needs_beam_search_and_frozen_encoder(tmp_path):
@@ -80,5 +84,6 @@ def test_rerank_needs_beam_search_and_frozen_encoder(tmp_path):
                          (["--freeze_encoder", "False"], "but --freeze_encoder=False")):
         result = run_script("train.py", [*RERANK_ARGS, *extra], tmp_path)
         assert result.returncode == 2
-        assert f"--rerank_neighbors=4" in result.stderr and named in result.stderr, result.stderr[-1000:]
+        assert "--rerank_neighbors=4" in result.stderr
+        assert named in result.stderr, result.stderr[-1000:]
     assert not (tmp_path / "saved_models" / "sweep_runs").exists()

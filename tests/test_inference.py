@@ -460,6 +460,10 @@ def test_decoding_overrides(tiny_checkpoint, photo, capsys):
 @pytest.mark.parametrize("options, named", [(["--max-length", "100"], "--max-length=100"),
                                             (["--max-length", "1"], "--max-length=1"),
                                             (["--temperature", "0"], "--temperature=0"),
+                                            (["--temperature", "inf"], "--temperature=inf must be positive and finite"),
+                                            (["--output", "x.json"], "--output only apply to --evaluate"),
+                                            (["--split", "val", "--max-images", "3"],
+                                             "--split, --max-images only apply to --evaluate"),
                                             (["--top-k", "0"], "--top-k=0"),
                                             (["--greedy", "--top-k", "5"], "--greedy"),
                                             (["--rerank-neighbors", "-1"], "--rerank-neighbors=-1"),
@@ -567,7 +571,7 @@ def test_evaluate_csv_with_unreadable_image(tiny_checkpoint, tmp_path, capsys, m
     code, out, err = run_main(["--evaluate", data, "--split", "test", "--no-meteor", tiny_checkpoint], capsys)
     assert code == inference.EXIT_UNREADABLE_IMAGES
     # the tiny run samples its captions with top-k 50 at temperature 1
-    output = tmp_path / "saved_models" / "evaluations" / f"{tiny_checkpoint.stem}_test_sample-k50-t1.json"
+    output = tmp_path / "saved_models" / "evaluations" / f"{tiny_checkpoint.stem}_data_test_sample-k50-t1.json"
     assert f"captions: {output.relative_to(tmp_path)}" in out
     document = json.loads(output.read_text())
     assert [Path(r["image"]).name for r in document["captions"]] == ["a.png", "b.png", "e.png"]

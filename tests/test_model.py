@@ -5,6 +5,8 @@ decoding options, and checkpoint errors.
     python -m pytest -q tests/test_model.py
 """
 
+import struct
+
 import pytest
 import torch
 
@@ -173,6 +175,25 @@ def test_read_checkpoint_errors(tmp_path):
     (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 only a few bytes")
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_checkpoint(tmp_path / "truncated.pth")
+
+
+def test_read_checkpoint_flipped_bits(tiny_checkpoint, tmp_path):
+    import shutil
+    import zipfile
+    damaged = tmp_path / "flipped.pth"
+    shutil.copy(tiny_checkpoint, damaged)
+    with zipfile.ZipFile(damaged) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.compress_size)
+    # The member's data starts after its 30-byte local header, file name and extra field.
+    with open(damaged, "r+b") as f:
+        f.seek(largest.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(largest.header_offset + 30 + name_length + extra_length + largest.compress_size // 2)
+        chunk = f.read(64)
+        f.seek(-len(chunk), 1)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    with pytest.raises(CheckpointError, match="flipped.pth is corrupt: the data of .* fails its CRC check"):
+        read_checkpoint(damaged)
 
 
 def test_sampling_never_emits_special_tokens(tokenizer):

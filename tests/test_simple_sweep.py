@@ -185,6 +185,15 @@ def test_project_and_data_reach_local_trials(tmp_path):
     assert "wandb_project" not in online["parameters"]
 
 
+def test_missing_data_rejected_before_registering(tmp_path):
+    result = run_script("simple_sweep.py", ["--data", str(tmp_path / "no_such_data"), "--yes", "--count", "1"],
+                        tmp_path)
+    assert result.returncode == 2
+    assert f"--data {tmp_path / 'no_such_data'} was not found" in result.stderr
+    assert "the sweep was not registered" in result.stderr
+    assert not (tmp_path / "saved_models" / "sweeps").exists()
+
+
 def test_project_rejected_for_other_programs(tmp_path):
     program = tmp_path / "other.py"
     program.write_text("")

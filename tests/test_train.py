@@ -138,7 +138,9 @@ def test_nonfinite_last_step_fails(tmp_path):
                                              ("--grad_clip=nan", "--grad_clip=nan is not a finite number"),
                                              ("--dropout=1.5", "--dropout=1.5 must be below 1"),
                                              ("--max_caption_length=1", "--max_caption_length=1 leaves no room"),
-                                             ("--eval_max_images=0", "--eval_max_images=0 must be positive")])
+                                             ("--eval_max_images=0", "--eval_max_images=0 must be positive"),
+                                             ("--adam_beta2=1.0", "--adam_beta2=1.0 must be below 1"),
+                                             ("--val_fraction=1.5", "--val_fraction=1.5 must be between 0 and 1")])
 def test_unusable_numbers_rejected(tmp_path, setting, message):
     result = run_script("train.py", [*TINY_TRAIN_ARGS, setting], tmp_path)
     assert result.returncode == 2
@@ -171,6 +173,21 @@ def test_invalid_values_rejected_with_name(tmp_path):
     result = run_script("train.py", ["--learning_rate=-1"], tmp_path)
     assert result.returncode == 2
     assert "--learning_rate=-1" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device cuda is valid")
+def test_missing_cuda_is_one_line_error(tmp_path):
+    result = run_script("train.py", [*TINY_TRAIN_ARGS, "--device", "cuda"], tmp_path)
+    assert result.returncode == 2
+    assert "--device=cuda: CUDA is not available on this machine" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_from_run_checkpoint_rejected(tiny_checkpoint, tmp_path):
+    result = run_script("train.py", [*TINY_TRAIN_ARGS, "--resume", tiny_checkpoint], tmp_path)
+    assert result.returncode == 2
+    assert f"{tiny_checkpoint} is not a resume state" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_data_is_one_line_error(tmp_path):
