@@ -220,19 +220,21 @@ class Agent:
             done += 1
             failures = failures + [run.run_id] if state in FAILED_STATES else []
             if len(failures) >= max_failures:
-                first = self.store.run(failures[0])
-                log.error("stopping the agent: %d runs in a row failed. The first, run %s (exit status %s), "
-                          "ended with:\n%s", len(failures), first.run_id, first.exit_code, first.error_tail)
+                self.log_failures(f"stopping the agent: {len(failures)} runs in a row failed", failures)
                 return 1
         if self.interrupts:
             log.warning("agent stopped; continue the sweep with: python simple_sweep.py --agent %s", self.sweep_id)
             return 130
         if done and len(failures) == done:
-            first = self.store.run(failures[0])
-            log.error("all %d runs of this agent failed. The first, run %s (exit status %s), ended with:\n%s",
-                      done, first.run_id, first.exit_code, first.error_tail)
+            self.log_failures(f"all {done} runs of this agent failed", failures)
             return 1
         return 0
+
+    def log_failures(self, headline, failures):
+        """Log the headline with the first failed run's exit status and output tail."""
+        first = self.store.run(failures[0])
+        log.error("%s. The first, run %s (exit status %s), ended with:\n%s", headline, first.run_id,
+                  first.exit_code, first.error_tail)
 
     def run_trial(self, run):
         """Run one trial to its end and record the outcome; return the run's new state."""
