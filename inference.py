@@ -439,8 +439,9 @@ def main(argv=None):
                                                   ("--output", args.output), ("--no-meteor", args.no_meteor))
                          if value]
         if evaluate_only:
-            raise ValueError(f"{', '.join(evaluate_only)} only apply to --evaluate DATA; leave them out to caption "
-                             f"images")
+            verb, pronoun = ("applies", "it") if len(evaluate_only) == 1 else ("apply", "them")
+            raise ValueError(f"{', '.join(evaluate_only)} only {verb} to --evaluate DATA; leave {pronoun} out to "
+                             f"caption images")
         return caption_command(args, images, checkpoint_arg)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError and DataError are ValueErrors
         report_error(str(e).replace("\n", " "))

@@ -461,7 +461,7 @@ def test_decoding_overrides(tiny_checkpoint, photo, capsys):
                                             (["--max-length", "1"], "--max-length=1"),
                                             (["--temperature", "0"], "--temperature=0"),
                                             (["--temperature", "inf"], "--temperature=inf must be positive and finite"),
-                                            (["--output", "x.json"], "--output only apply to --evaluate"),
+                                            (["--output", "x.json"], "--output only applies to --evaluate"),
                                             (["--split", "val", "--max-images", "3"],
                                              "--split, --max-images only apply to --evaluate"),
                                             (["--top-k", "0"], "--top-k=0"),
