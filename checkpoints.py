@@ -175,6 +175,10 @@ def best_record(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss", data=None):
         records = trained
     ranked = [r for r in rank_records(records, metric) if r.selectable(metric)]
     if not ranked:
+        logged = sorted({name for r in records for name in r.metrics if name.startswith("val/")})
+        if records and logged and metric not in logged:
+            raise FileNotFoundError(f"no checkpoint in {runs_dir} logged --metric {metric}; they logged "
+                                    f"{', '.join(logged)}")
         found = f"{len(records)} checkpoints, none completed with a finite {metric}" if records else "no checkpoints"
         raise FileNotFoundError(f"{found} in {runs_dir}; train one with `python train.py` "
                                 f"or run a sweep with `python simple_sweep.py`")

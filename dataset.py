@@ -450,6 +450,7 @@ class CaptionTokenizer:
         tokenizer.no_truncation()
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.source_ids = None  # ids in the full pretrained vocabulary, when restrict_vocabulary cut it
 
     @property
     def vocab_size(self):
@@ -525,3 +526,38 @@ def pretrained_tokenizer(hf_tokenizer):
     if bos is None or eos is None:
         raise ValueError(f"tokenizer {hf_tokenizer.name_or_path} has no BOS/CLS or EOS/SEP token")
     return CaptionTokenizer(backend, bos, eos, pad, hf_tokenizer.unk_token_id)
+
+
+def restrict_vocabulary(tokenizer, captions):
+    """Keep only the tokens a pretrained decoder needs for these captions.
+
+    Returns (tokenizer, kept): a CaptionTokenizer over the tokens the captions use, the special
+    tokens and the single characters they contain (so other words can still be spelled), and the
+    ascending ids those tokens had, for cutting the decoder's embeddings and output layer to
+    match. WordPiece picks the longest known prefix, and every piece of these captions is kept,
+    so they split exactly as before. Other tokenizer models (BPE, Unigram) depend on pieces that
+    the captions do not use; for them the tokenizer is returned unchanged with kept = None.
+    """
+    spec = json.loads(tokenizer.tokenizer.to_str())
+    if spec["model"].get("type") != "WordPiece":
+        return tokenizer, None
+    backend = tokenizer.tokenizer
+    vocab = spec["model"]["vocab"]
+    prefix = spec["model"].get("continuing_subword_prefix", "##")
+    used = {i for enc in backend.encode_batch(list(captions), add_special_tokens=False) for i in enc.ids}
+    chars = {ch for caption in captions for ch in backend.normalizer.normalize_str(caption)} if backend.normalizer \
+        else {ch for caption in captions for ch in caption}
+    used |= {vocab[t] for t in chars if t in vocab} | {vocab[prefix + t] for t in chars if prefix + t in vocab}
+    used |= {token["id"] for token in spec["added_tokens"]}
+    used |= {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id) if i is not None}
+    kept = sorted(used)
+    new_id = {old: new for new, old in enumerate(kept)}
+    spec["model"]["vocab"] = {token: new_id[i] for token, i in vocab.items() if i in new_id}
+    for token in spec["added_tokens"]:
+        token["id"] = new_id[token["id"]]
+    # encode() adds [BOS]/[EOS] itself and pads itself; the template refers to the old ids.
+    spec["post_processor"] = spec["padding"] = spec["truncation"] = None
+    remap = [None if i is None else new_id[i]
+             for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)]
+    return CaptionTokenizer(Tokenizer.from_str(json.dumps(spec)), *remap), kept
+

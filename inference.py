@@ -326,6 +326,9 @@ def caption_command(args, image_args, checkpoint_arg):
 def evaluate_command(args, checkpoint_arg):
     """Caption and score a split of --evaluate DATA; print the scores and write every caption to JSON."""
     from captioning import evaluate_split, print_scores, write_json
+    if args.evaluate != "builtin" and not Path(args.evaluate).expanduser().exists():
+        raise ValueError(f"--evaluate {args.evaluate}: no such file or folder; pass a dataset path (a folder with "
+                         f"captions.csv and images/, a Flickr8k, COCO or Karpathy caption file) or 'builtin'")
     loaded = load_for_command(args, checkpoint_arg)
     # The data, split, decoding and image limit are part of the default name, so scoring one
     # checkpoint two ways keeps both files.
@@ -421,7 +424,8 @@ def main(argv=None):
                         datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     if not args.metric.startswith("val/"):
-        report_error(f"--metric={args.metric} is not a validation metric; use one of {', '.join(TABLE_METRICS)}")
+        report_error(f"--metric={args.metric} is not a validation metric; use one of {', '.join(TABLE_METRICS)} "
+                     f"(or another val/ metric that train.py logs)")
         return EXIT_INVALID
     if args.list_models:
         if args.inputs or args.checkpoint:

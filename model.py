@@ -168,12 +168,45 @@ def build_decoder(model_config, pretrained):
     config.is_decoder = True  # BERT-style models need both flags for causal masking and cross-attention
     config.add_cross_attention = True
     model_class = BertLMHeadModel if name == "minilm" else AutoModelForCausalLM
-    decoder, info = model_class.from_pretrained(source, config=config, output_loading_info=True)
+    # transformers prints a table of every new tensor and a progress bar; one log line says the same.
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        decoder, info = model_class.from_pretrained(source, config=config, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if not getattr(decoder.config, "add_cross_attention", False):
         raise ValueError(f"decoder {name} does not support cross-attention; use a GPT-2 or BERT style model")
+    if model_config.get("decoder_token_ids"):
+        keep_tokens(decoder, model_config["decoder_token_ids"])
     new = set(info["missing_keys"])
     scratch = [n for n, _ in decoder.named_parameters() if n in new or "crossattention" in n or "crossattn" in n]
+    log.info("decoder %s: %d tensors loaded, %d start from scratch (cross-attention and others the checkpoint "
+             "lacks)", name, len(list(decoder.parameters())) - len(scratch), len(scratch))
     return decoder, scratch
+
+
+def keep_tokens(decoder, token_ids):
+    """Cut a pretrained decoder's vocabulary to token_ids (ascending), which become ids 0..n-1.
+
+    The kept rows move to the front of the input embeddings (and of the output layer when it is
+    not tied to them), then transformers trims both to n rows and sets config.vocab_size, so
+    the stored config rebuilds the smaller model.
+    """
+    index = torch.tensor(token_ids)
+    embeddings, output = decoder.get_input_embeddings(), decoder.get_output_embeddings()
+    with torch.no_grad():
+        embeddings.weight[: len(index)] = embeddings.weight[index].clone()
+        if output is not None:
+            if output.weight is not embeddings.weight:
+                output.weight[: len(index)] = output.weight[index].clone()
+            if output.bias is not None:
+                output.bias[: len(index)] = output.bias[index].clone()
+    decoder.resize_token_embeddings(len(index))
 
 
 def transformer_decoder_config(config, tokenizer):
@@ -229,7 +262,7 @@ class ImageCaptioner(nn.Module):
         if self.model_config["decoder_kind"] == "bert":
             # BERT's cross-attention cache must be an EncoderDecoderCache in transformers 5.
             from transformers import DynamicCache, EncoderDecoderCache
-            kwargs["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            kwargs["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
         suppressed = [i for i in (tokenizer.bos_id, tokenizer.pad_id, tokenizer.unk_id)
                       if i is not None and i != tokenizer.eos_id]
         beams = kwargs.get("num_beams", 1)
@@ -275,6 +308,8 @@ def make_model_config(config, tokenizer):
                   mean=list(processor.image_mean), std=list(processor.image_std))
     if config["decoder"] == "transformer":
         mc.update(decoder_kind="gpt2", decoder_hf_config=transformer_decoder_config(config, tokenizer))
+    elif getattr(tokenizer, "source_ids", None) is not None:
+        mc["decoder_token_ids"] = list(tokenizer.source_ids)  # see dataset.restrict_vocabulary
     return mc
 
 

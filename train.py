@@ -52,6 +52,9 @@ SETTINGS = [
     ("encoder", "efficientnet_lite0", str, "efficientnet_lite0 | tiny_cnn | a transformers vision model name"),
     ("freeze_encoder", True, bool, "keep the encoder fixed and cache its features once (much faster on CPU)"),
     ("decoder", "transformer", str, "transformer (from scratch) | minilm | a transformers causal LM name"),
+    ("decoder_vocab", "captions", str, "pretrained WordPiece decoders (minilm): 'captions' keeps only the tokens of "
+                                       "the training captions (6,643 of MiniLM's 30,522 on Flickr8k: 1.6x faster "
+                                       "steps), 'full' keeps them all"),
     ("d_model", 256, int, "decoder width of the from-scratch transformer"),
     ("num_layers", 3, int, "decoder layers of the from-scratch transformer"),
     ("num_heads", 4, int, "attention heads of the from-scratch transformer"),
@@ -111,8 +114,8 @@ SETTINGS = [
 ]
 DEFAULTS = {name: default for name, default, _, _ in SETTINGS}
 CHOICES = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "linear", "constant"),
-           "metric_goal": ("auto", "minimize", "maximize"), "precision": ("auto", "bf16", "fp16", "fp32"),
-           "wandb_mode": ("auto", "online", "offline", "disabled")}
+           "decoder_vocab": ("captions", "full"), "metric_goal": ("auto", "minimize", "maximize"),
+           "precision": ("auto", "bf16", "fp16", "fp32"), "wandb_mode": ("auto", "online", "offline", "disabled")}
 # Keys train.py logs; the sweep's metric.name must be one of them.
 LOGGED_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "train/images_per_sec",
                   "train/reward",

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline import prepare_split
-from dataset import CaptionTokenizer, DataError, load_captions, pretrained_tokenizer, split_indices, train_tokenizer
+from dataset import (CaptionTokenizer, DataError, load_captions, pretrained_tokenizer, restrict_vocabulary, split_indices,
+                     train_tokenizer)
 from evaluation import caption_statistics, generate_captions, generation_options, score_captions
 from model import (FORMAT_VERSION, CheckpointError, build_model, caption_loss, make_model_config, minilm_path,
                    save_checkpoint, write_summary)
@@ -203,7 +204,17 @@ def make_tokenizer(config, train_captions):
         return train_tokenizer(train_captions, vocab_size=config["vocab_size"])
     from transformers import AutoTokenizer
     source = minilm_path() if config["decoder"] == "minilm" else config["decoder"]
-    return pretrained_tokenizer(AutoTokenizer.from_pretrained(source))
+    tokenizer = pretrained_tokenizer(AutoTokenizer.from_pretrained(source))
+    if config["decoder_vocab"] == "full":
+        return tokenizer
+    restricted, kept = restrict_vocabulary(tokenizer, train_captions)
+    if kept is None:
+        log.info("decoder %s: its tokenizer is not WordPiece, so it keeps its full vocabulary", config["decoder"])
+        return tokenizer
+    log.info("decoder vocabulary: %d of %d tokens (those of the training captions)", restricted.vocab_size,
+             tokenizer.vocab_size)
+    restricted.source_ids = kept
+    return restricted
 
 
 def make_optimizer(model, config):

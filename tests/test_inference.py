@@ -279,6 +279,14 @@ def test_only_unusable_runs_not_picked(tiny_checkpoint, tmp_path, photo, capsys)
     assert "2 checkpoints, none completed with a finite val/loss" in err
 
 
+def test_metric_no_run_logged_lists_logged_ones(ranked_runs, photo, capsys):
+    runs_dir = next(iter(ranked_runs.values())).parent
+    code, _, err = run_main([photo, "--runs-dir", runs_dir, "--metric", "val/cidre"], capsys)
+    assert code == inference.EXIT_INVALID
+    assert f"no checkpoint in {runs_dir} logged --metric val/cidre; they logged val/cider, val/loss" in err
+    assert len(error_lines(err)) == 1
+
+
 # --------------------------------------------------------------------------------------
 # --list-models
 
@@ -616,3 +624,11 @@ def test_evaluate_picks_run_trained_on_data(tiny_checkpoint, tmp_path, capsys, m
     code, out, err = run_main(["--evaluate", other, "--runs-dir", runs_dir], capsys)
     assert code != inference.EXIT_OK
     assert f"none of the 2 checkpoints in {runs_dir} was trained on {other}" in err
+
+
+def test_evaluate_missing_data_names_the_option(tiny_checkpoint, tmp_path, capsys):
+    missing = tmp_path / "no_such_data"
+    code, _, err = run_main(["--evaluate", missing, tiny_checkpoint], capsys)
+    assert code == inference.EXIT_INVALID
+    assert f"--evaluate {missing}: no such file or folder; pass a dataset path" in err
+    assert "--data" not in err and len(error_lines(err)) == 1

@@ -151,19 +151,51 @@ def test_minilm_decoder_warm_start(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = (tmp_path / "saved_models" / "sweep_runs").glob("*.pth")
     checkpoint = read_checkpoint(path)
-    assert checkpoint["model_config"]["decoder_kind"] == "bert"
-    assert checkpoint["model_config"]["d_model"] == 384
+    model_config = checkpoint["model_config"]
+    assert model_config["decoder_kind"] == "bert"
+    assert model_config["d_model"] == 384
     pretrained = load_file(f"{minilm_path()}/model.safetensors")
     key = next(k for k in pretrained if k.endswith("encoder.layer.5.output.dense.weight"))
     saved = checkpoint["decoder_state_dict"]["bert." + key.removeprefix("bert.")]
     # Two steps at a 3e-5 base rate move pretrained weights only slightly from MiniLM's.
     assert torch.allclose(saved, pretrained[key], atol=1e-2)
+    # The vocabulary is cut to the tokens of the training captions; their embeddings are MiniLM's rows.
+    kept = model_config["decoder_token_ids"]
+    assert 20 < len(kept) < 1000 and model_config["decoder_hf_config"]["vocab_size"] == len(kept)
+    key = next(k for k in pretrained if k.endswith("word_embeddings.weight"))
+    saved = checkpoint["decoder_state_dict"]["bert.embeddings.word_embeddings.weight"]
+    assert saved.shape == (len(kept), 384)
+    assert torch.allclose(saved, pretrained[key][kept], atol=1e-2)
     # Captions end in [SEP] right after their last word, although MiniLM's tokenizer pads to 128 tokens.
-    _, tokenizer, _ = load_checkpoint(path, "cpu")
-    ids, lengths = tokenizer.encode(["a dog runs.", "two men"], 16)
-    assert lengths.tolist() == [6, 4]
-    assert ids[0, :6].tolist() == [tokenizer.bos_id, 1037, 3899, 3216, 1012, tokenizer.eos_id]
-    assert ids[1, 4:].eq(tokenizer.pad_id).all()
+    model, tokenizer, _ = load_checkpoint(path, "cpu")
+    ids, lengths = tokenizer.encode(["a the", "a large circle"], 16)  # every built-in caption has "a" and "the"
+    assert lengths[0] == 4
+    assert ids[0, :4].tolist() == [tokenizer.bos_id, kept.index(1037), kept.index(1996), tokenizer.eos_id]
+    assert ids[1, lengths[1] - 1] == tokenizer.eos_id and ids[1, lengths[1]:].eq(tokenizer.pad_id).all()
+    assert model.generate(tokenizer, pixel_values=torch.zeros(1, 3, 64, 64), max_length=8).max() < len(kept)
+
+
+def test_restrict_vocabulary_splits_captions_as_before():
+    from transformers import AutoTokenizer
+    from dataset import pretrained_tokenizer, restrict_vocabulary
+    from model import minilm_path
+    full = pretrained_tokenizer(AutoTokenizer.from_pretrained(minilm_path()))
+    captions = ["A black dog jumps over a log.", "Two children are playing in the sprinklers",
+                "a skateboarder does a kickflip"]
+    small, kept = restrict_vocabulary(full, captions)
+    assert small.vocab_size == len(kept) < 200
+    before, lengths = full.encode(captions, 24)
+    after, same_lengths = small.encode(captions, 24)
+    assert torch.equal(lengths, same_lengths)
+    assert torch.equal(torch.tensor(kept)[after], before)
+    assert small.decode(after) == full.decode(before)
+    # A word the captions do not contain is spelled from their letters, not lost to [UNK].
+    ids, _ = small.encode(["a black cat"], 24)
+    assert small.unk_id not in ids.tolist()[0] and small.decode(ids) == ["a black cat"]
+    # Other tokenizer models, such as GPT-2's BPE, are kept whole.
+    from tokenizers import Tokenizer, models
+    bpe = dataset.CaptionTokenizer(Tokenizer(models.BPE()), 0, 0, 0)
+    assert restrict_vocabulary(bpe, captions) == (bpe, None)
 
 
 def test_read_checkpoint_errors(tmp_path):
