@@ -112,12 +112,13 @@ def scan_checkpoints(runs_dir=DEFAULT_RUNS_DIR):
     return [load_record(p) for p in paths]
 
 
-def sweep_run_records(known_run_ids, sweeps_dir=DEFAULT_SWEEPS_DIR):
+def sweep_run_records(known_run_ids, sweeps_dir=DEFAULT_SWEEPS_DIR, runs_dir=None):
     """Return RunRecords of the local sweep runs that have no checkpoint file among known_run_ids.
 
     Those are runs that failed, crashed or were stopped before their first finite validation
     point, or are still before it. Their `reason` is the last line of the error the sweep
-    agent recorded, and `path` is the trial's log file.
+    agent recorded, and `path` is the trial's log file. With runs_dir, only runs that write
+    their checkpoints there (train.py's --output_dir) are returned.
     """
     if not (Path(sweeps_dir) / "sweeps.db").exists():
         return []
@@ -125,6 +126,9 @@ def sweep_run_records(known_run_ids, sweeps_dir=DEFAULT_SWEEPS_DIR):
     records = []
     for run in local_sweep.list_runs(state_dir=sweeps_dir):
         if run.run_id in known_run_ids:
+            continue
+        output_dir = str(run.params.get("output_dir", DEFAULT_RUNS_DIR))
+        if runs_dir is not None and os.path.realpath(output_dir) != os.path.realpath(runs_dir):
             continue
         tail = [line for line in (run.error_tail or "").splitlines() if line.strip()]
         reason = tail[-1].strip() if tail else ("still before its first validation" if run.state == "running"
@@ -143,7 +147,7 @@ def sweep_run_records(known_run_ids, sweeps_dir=DEFAULT_SWEEPS_DIR):
 def scan_runs(runs_dir=DEFAULT_RUNS_DIR, sweeps_dir=DEFAULT_SWEEPS_DIR):
     """Return the checkpoint records plus the local sweep's runs that left no checkpoint."""
     records = scan_checkpoints(runs_dir)
-    return records + sweep_run_records({r.run_id for r in records if r.run_id}, sweeps_dir)
+    return records + sweep_run_records({r.run_id for r in records if r.run_id}, sweeps_dir, runs_dir)
 
 
 def rank_records(records, metric="val/loss"):
