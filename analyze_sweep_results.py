@@ -115,7 +115,7 @@ def analyze_sweep_results(runs_dir=checkpoints.DEFAULT_RUNS_DIR, metric=DEFAULT_
     for position, record in enumerate(checkpoints.rank_records(records, metric), start=1):
         rows.append(checkpoint_row(record, metric, position if record.selectable(metric) else None))
     known_ids = {row["run_id"] for row in rows if row["run_id"]}
-    extra = sweep_sources.sweep_database_rows(sweeps_dir)
+    extra = sweep_sources.sweep_database_rows(sweeps_dir, runs_dir)
     known_ids |= {row["run_id"] for row in extra}
     if wandb_dir is not False:
         extra += sweep_sources.wandb_rows(wandb_dir or sweep_sources.default_wandb_dir(), known_ids)

@@ -456,6 +456,15 @@ class CaptionTokenizer:
     def vocab_size(self):
         return self.tokenizer.get_vocab_size()
 
+    def never_generated(self):
+        """Ids of the bracketed tokens ([PAD], [UNK], BERT's [MASK] and [unused0]...) other than EOS."""
+        if getattr(self, "_never_generated", None) is None:
+            bracketed = re.compile(r"^\[[^\[\]\s]+\]$")
+            ids = {i for token, i in self.tokenizer.get_vocab(with_added_tokens=True).items() if bracketed.match(token)}
+            ids |= {i for i in (self.bos_id, self.pad_id, self.unk_id) if i is not None}
+            self._never_generated = sorted(ids - {self.eos_id})
+        return self._never_generated
+
     def encode(self, captions, max_length):
         """Return (ids, lengths): LongTensor (N, max_length) padded, and the length of each sequence."""
         encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)

@@ -238,6 +238,11 @@ def report_error(message):
 def list_models(args):
     """Print every checkpoint of --runs-dir, best first, from the JSON summaries."""
     records = rank_records(scan_runs(args.runs_dir, args.sweeps_dir), args.metric)
+    logged = sorted({name for r in records for name in r.metrics if name.startswith("val/")})
+    if logged and args.metric not in logged:
+        report_error(f"--metric {args.metric}: no checkpoint in {args.runs_dir} logged it; they logged "
+                     f"{', '.join(logged)}")
+        return EXIT_INVALID
     if args.json:
         fields = [{k: v for k, v in asdict(r).items() if k != "config"} for r in records]
         print(json.dumps(json_safe(fields), indent=1))
@@ -248,7 +253,7 @@ def list_models(args):
     if not args.json:
         files = sum(1 for r in records if r.source == "checkpoint")
         others = f" and {len(records) - files} sweep runs without one" if files < len(records) else ""
-        print(f"{files} checkpoints in {args.runs_dir}{others}, best first by {args.metric} "
+        print(f"{files} checkpoint{'' if files == 1 else 's'} in {args.runs_dir}{others}, best first by {args.metric} "
               f"({metric_goal(args.metric)}):")
         print(models_table(records, args.metric))
     return EXIT_OK

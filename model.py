@@ -150,6 +150,13 @@ def minilm_path():
     return str(get_model_path())
 
 
+def unknown_decoder(name, error):
+    """The one-line ValueError for a --decoder that transformers cannot load."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"--decoder {name}: not 'transformer', 'minilm', a model folder, or a model transformers "
+                      f"can load ({first}); check the name, or pass a folder saved with save_pretrained")
+
+
 def build_decoder(model_config, pretrained):
     """Create the decoder; return (decoder, names of parameters that start from scratch)."""
     from transformers import AutoConfig, AutoModelForCausalLM, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
@@ -164,7 +171,10 @@ def build_decoder(model_config, pretrained):
         decoder = BertLMHeadModel(config) if name == "minilm" else AutoModelForCausalLM.from_config(config)
         return decoder, []
     source = minilm_path() if name == "minilm" else name
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise unknown_decoder(name, e) from e
     config.is_decoder = True  # BERT-style models need both flags for causal masking and cross-attention
     config.add_cross_attention = True
     model_class = BertLMHeadModel if name == "minilm" else AutoModelForCausalLM
@@ -250,8 +260,9 @@ class ImageCaptioner(nn.Module):
     def generate(self, tokenizer, pixel_values=None, features=None, max_length=32, rerank_neighbors=0, **kwargs):
         """Decode captions (B, <= max_length) with transformers' generate(); kwargs are its options.
 
-        [BOS], [PAD] and [UNK] are never generated: label smoothing gives them a little
-        probability, which sampling would otherwise pick now and then. With rerank_neighbors
+        [BOS], [PAD], [UNK] and the other bracketed tokens (BERT's [MASK] and [unused0]...) are
+        never generated: label smoothing gives them a little probability, which sampling would
+        otherwise pick now and then. With rerank_neighbors
         and several beams, the beam kept for each image is chosen by consensus with the
         captions of that many nearest training images (consensus.py).
         """
@@ -263,8 +274,7 @@ class ImageCaptioner(nn.Module):
             # BERT's cross-attention cache must be an EncoderDecoderCache in transformers 5.
             from transformers import DynamicCache, EncoderDecoderCache
             kwargs["cache"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        suppressed = [i for i in (tokenizer.bos_id, tokenizer.pad_id, tokenizer.unk_id)
-                      if i is not None and i != tokenizer.eos_id]
+        suppressed = tokenizer.never_generated()
         beams = kwargs.get("num_beams", 1)
         rerank = rerank_neighbors > 0 and beams > 1
         if rerank:

@@ -152,16 +152,17 @@ def wandb_rows(wandb_dir, known_ids):
 # --------------------------------------------------------------------------------------
 # The local sweep database
 
-def sweep_database_rows(sweeps_dir=DEFAULT_SWEEPS_DIR):
+def sweep_database_rows(sweeps_dir=DEFAULT_SWEEPS_DIR, runs_dir=None):
     """Return a row for every run the local sweep engine recorded in its database under sweeps_dir.
 
     merge_rows keeps the checkpoint's own row where there is one and takes only its sweep_id
     from here; runs that left no checkpoint (failed, crashed, stopped, still running) keep
-    this row, with the agent's recorded error as the problem.
+    this row, with the agent's recorded error as the problem. With runs_dir, only runs whose
+    checkpoints go there count.
     """
     import checkpoints
     rows = []
-    for record in checkpoints.sweep_run_records(set(), sweeps_dir):
+    for record in checkpoints.sweep_run_records(set(), sweeps_dir, runs_dir):
         rows.append({"rank": None, "run_id": record.run_id, "sweep_id": record.sweep_id,
                      "status": record.status, "problem": record.reason, **record.config,
                      "final_train_loss": float("nan"), "total_steps": record.total_steps, "source": "sweep_db",

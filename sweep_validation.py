@@ -204,6 +204,9 @@ def check_metric(config, is_train):
         close = difflib.get_close_matches(name, train.LOGGED_METRICS, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(train.LOGGED_METRICS)}"
         return problems + [f"metric.name: train.py never logs {name!r}, so no run would have a result; {hint}"]
+    if name == "val/meteor" and _fixed_value(config, "meteor", train.DEFAULTS["meteor"]) is False:
+        return problems + ["metric.name: val/meteor is never logged, because parameters set meteor: false; "
+                           "rank by val/cider, or set meteor: {value: true} (train.py then needs java)"]
     # train.py keeps each run's best validation point by its own --metric; the sweep must rank by the same
     kept = _fixed_value(config, "metric", train.DEFAULTS["metric"])
     kept_goal = _fixed_value(config, "metric_goal", train.DEFAULTS["metric_goal"])

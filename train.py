@@ -21,10 +21,12 @@ import gc
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Taken before the imports below, so that timing.setup_s counts them (torch alone took 1.2 to 2 s, 2-core CPU).
 PROCESS_START = time.time()
@@ -200,6 +202,13 @@ def validate_config(config):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if config["batch_size"] % world_size:
         raise ValueError(f"--batch_size={config['batch_size']} is not divisible by the {world_size} processes")
+    if config["metric"] == "val/meteor" and (not config["meteor"] or shutil.which("java") is None):
+        why = "--meteor=False" if not config["meteor"] else "java is not installed"
+        raise ValueError(f"--metric=val/meteor is never logged here: {why}; pass --metric val/cider, or install java "
+                         f"and pass --meteor True")
+    output_dir = Path(config["output_dir"])
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir={output_dir} is a file, not a folder; pass a folder for the checkpoints")
     if config["decoder"] == "transformer" and config["d_model"] % config["num_heads"]:
         raise ValueError(f"--d_model={config['d_model']} is not divisible by --num_heads={config['num_heads']}")
 

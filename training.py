@@ -24,7 +24,7 @@ from dataset import (CaptionTokenizer, DataError, load_captions, pretrained_toke
                      train_tokenizer)
 from evaluation import caption_statistics, generate_captions, generation_options, score_captions
 from model import (FORMAT_VERSION, CheckpointError, build_model, caption_loss, make_model_config, minilm_path,
-                   save_checkpoint, write_summary)
+                   save_checkpoint, unknown_decoder, write_summary)
 
 log = logging.getLogger("train")
 
@@ -204,7 +204,11 @@ def make_tokenizer(config, train_captions):
         return train_tokenizer(train_captions, vocab_size=config["vocab_size"])
     from transformers import AutoTokenizer
     source = minilm_path() if config["decoder"] == "minilm" else config["decoder"]
-    tokenizer = pretrained_tokenizer(AutoTokenizer.from_pretrained(source))
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise unknown_decoder(config["decoder"], e) from e
+    tokenizer = pretrained_tokenizer(hf_tokenizer)
     if config["decoder_vocab"] == "full":
         return tokenizer
     restricted, kept = restrict_vocabulary(tokenizer, train_captions)

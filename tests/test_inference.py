@@ -285,6 +285,9 @@ def test_metric_no_run_logged_lists_logged_ones(ranked_runs, photo, capsys):
     assert code == inference.EXIT_INVALID
     assert f"no checkpoint in {runs_dir} logged --metric val/cidre; they logged val/cider, val/loss" in err
     assert len(error_lines(err)) == 1
+    code, out, err = run_main(["--list-models", "--runs-dir", runs_dir, "--metric", "val/cidre"], capsys)
+    assert code == inference.EXIT_INVALID
+    assert f"--metric val/cidre: no checkpoint in {runs_dir} logged it; they logged val/cider, val/loss" in err
 
 
 # --------------------------------------------------------------------------------------

@@ -192,6 +192,10 @@ def test_restrict_vocabulary_splits_captions_as_before():
     # A word the captions do not contain is spelled from their letters, not lost to [UNK].
     ids, _ = small.encode(["a black cat"], 24)
     assert small.unk_id not in ids.tolist()[0] and small.decode(ids) == ["a black cat"]
+    # BERT's reserved tokens are never generated, with the full vocabulary or the cut one.
+    never = {full.tokenizer.id_to_token(i) for i in full.never_generated()}
+    assert {"[MASK]", "[unused80]", "[PAD]", "[CLS]", "[UNK]"} <= never and "[SEP]" not in never
+    assert {small.tokenizer.id_to_token(i) for i in small.never_generated()} == {"[MASK]", "[PAD]", "[CLS]", "[UNK]"}
     # Other tokenizer models, such as GPT-2's BPE, are kept whole.
     from tokenizers import Tokenizer, models
     bpe = dataset.CaptionTokenizer(Tokenizer(models.BPE()), 0, 0, 0)

@@ -77,6 +77,8 @@ REJECTED = [
      "parameters.optimizer: 'sgd' is not one of train.py's --optimizer choices"),
     ("metric other than the kept one", lambda c: c["metric"].update(name="val/cider", goal="maximize"),
      "add `metric: {value: val/cider}` and `metric_goal: {value: maximize}` under parameters"),
+    ("meteor metric with meteor off", lambda c: c["metric"].update(name="val/meteor", goal="maximize"),
+     "metric.name: val/meteor is never logged, because parameters set meteor: false"),
     ("unknown method", lambda c: c.update(method="bayesian"), "method: 'bayesian' is not one of"),
     ("value out of train.py's range", lambda c: c["parameters"]["batch_size"].update(value=0),
      "parameters.batch_size: train.py would reject 0: --batch_size=0 must be positive"),

@@ -15,7 +15,7 @@ from PIL import Image
 import dataset
 import train
 import training
-from conftest import TINY_TRAIN_ARGS, run_script
+from conftest import TINY_TRAIN_ARGS, run_script, script_env
 from evaluation import generation_options
 from model import ImageCaptioner, build_model, caption_loss, load_checkpoint, make_model_config
 
@@ -194,6 +194,22 @@ def test_missing_data_is_one_line_error(tmp_path):
     result = run_script("train.py", [*TINY_TRAIN_ARGS, "--data", tmp_path / "no_such_data"], tmp_path)
     assert result.returncode == 2
     assert "no_such_data" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_settings_that_would_fail_after_training_rejected_first(tmp_path):
+    result = run_script("train.py", [*TINY_TRAIN_ARGS, "--metric", "val/meteor", "--meteor", "False"], tmp_path)
+    assert result.returncode == 2
+    assert "--metric=val/meteor is never logged here: --meteor=False" in result.stderr
+    (tmp_path / "a_file").write_text("not a folder\n")
+    result = run_script("train.py", [*TINY_TRAIN_ARGS, "--output_dir", "a_file"], tmp_path)
+    assert result.returncode == 2
+    assert "--output_dir=a_file is a file, not a folder" in result.stderr
+    assert (tmp_path / "a_file").read_text() == "not a folder\n"
+    env = {**script_env(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = run_script("train.py", [*TINY_TRAIN_ARGS, "--decoder", "minilm6"], tmp_path, env=env)
+    assert result.returncode == 2
+    assert "--decoder minilm6: not 'transformer', 'minilm', a model folder" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_bad_training_images_skipped(tmp_path):
