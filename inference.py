@@ -237,6 +237,14 @@ def report_error(message):
 
 def list_models(args):
     """Print every checkpoint of --runs-dir, best first, from the JSON summaries."""
+    runs_dir = Path(args.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():
+        report_error(f"--runs-dir {runs_dir} is a file; pass the folder of the checkpoints (train.py's --output_dir)")
+        return EXIT_INVALID
+    if not runs_dir.exists() and str(args.runs_dir) != DEFAULT_RUNS_DIR:
+        report_error(f"--runs-dir {runs_dir}: no such folder; pass the folder of the checkpoints "
+                     f"(train.py's --output_dir)")
+        return EXIT_INVALID
     records = rank_records(scan_runs(args.runs_dir, args.sweeps_dir), args.metric)
     logged = sorted({name for r in records for name in r.metrics if name.startswith("val/")})
     if logged and args.metric not in logged:

@@ -396,6 +396,9 @@ def read_checkpoint(path, device="cpu", mmap=False):
     With mmap, tensors are mapped rather than read, so only the small pickled record is parsed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; pass a .pth file in it, or pass the folder as "
+                              f"--runs-dir to use its best run")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; list the available ones with "
                               f"`python inference.py --list-models`")

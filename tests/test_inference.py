@@ -279,6 +279,18 @@ def test_only_unusable_runs_not_picked(tiny_checkpoint, tmp_path, photo, capsys)
     assert "2 checkpoints, none completed with a finite val/loss" in err
 
 
+def test_wrong_folder_arguments(tiny_checkpoint, tmp_path, photo, capsys):
+    code, _, err = run_main(["--list-models", "--runs-dir", tmp_path / "no_such_runs"], capsys)
+    assert code == inference.EXIT_INVALID
+    assert f"--runs-dir {tmp_path / 'no_such_runs'}: no such folder" in err
+    code, _, err = run_main(["--list-models", "--runs-dir", photo], capsys)
+    assert code == inference.EXIT_INVALID
+    assert f"--runs-dir {photo} is a file" in err
+    code, _, err = run_main([photo, "--checkpoint", tmp_path], capsys)
+    assert code == inference.EXIT_INVALID
+    assert f"checkpoint {tmp_path} is a folder; pass a .pth file in it, or pass the folder as --runs-dir" in err
+
+
 def test_metric_no_run_logged_lists_logged_ones(ranked_runs, photo, capsys):
     runs_dir = next(iter(ranked_runs.values())).parent
     code, _, err = run_main([photo, "--runs-dir", runs_dir, "--metric", "val/cidre"], capsys)
