@@ -150,6 +150,11 @@ def scan_runs(runs_dir=DEFAULT_RUNS_DIR, sweeps_dir=DEFAULT_SWEEPS_DIR):
     return records + sweep_run_records({r.run_id for r in records if r.run_id}, sweeps_dir, runs_dir)
 
 
+def logged_val_metrics(records):
+    """Return the sorted names of the validation metrics that any of the records logged."""
+    return sorted({name for r in records for name in r.metrics if name.startswith("val/")})
+
+
 def rank_records(records, metric="val/loss"):
     """Sort records best first: selectable runs by the metric, then all others."""
     sign = 1.0 if metric_goal(metric) == "minimize" else -1.0
@@ -179,8 +184,8 @@ def best_record(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss", data=None):
         records = trained
     ranked = [r for r in rank_records(records, metric) if r.selectable(metric)]
     if not ranked:
-        logged = sorted({name for r in records for name in r.metrics if name.startswith("val/")})
-        if records and logged and metric not in logged:
+        logged = logged_val_metrics(records)
+        if logged and metric not in logged:
             raise FileNotFoundError(f"no checkpoint in {runs_dir} logged --metric {metric}; they logged "
                                     f"{', '.join(logged)}")
         found = f"{len(records)} checkpoints, none completed with a finite {metric}" if records else "no checkpoints"

@@ -451,14 +451,15 @@ class CaptionTokenizer:
         self.tokenizer = tokenizer
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.source_ids = None  # ids in the full pretrained vocabulary, when restrict_vocabulary cut it
+        self._never_generated = None
 
     @property
     def vocab_size(self):
         return self.tokenizer.get_vocab_size()
 
     def never_generated(self):
-        """Ids of the bracketed tokens ([PAD], [UNK], BERT's [MASK] and [unused0]...) other than EOS."""
-        if getattr(self, "_never_generated", None) is None:
+        """Return the ids of the bracketed tokens ([PAD], [UNK], BERT's [MASK], [unused0]...) except EOS."""
+        if self._never_generated is None:
             bracketed = re.compile(r"^\[[^\[\]\s]+\]$")
             ids = {i for token, i in self.tokenizer.get_vocab(with_added_tokens=True).items() if bracketed.match(token)}
             ids |= {i for i in (self.bos_id, self.pad_id, self.unk_id) if i is not None}
@@ -540,9 +541,9 @@ def pretrained_tokenizer(hf_tokenizer):
 def restrict_vocabulary(tokenizer, captions):
     """Keep only the tokens a pretrained decoder needs for these captions.
 
-    Returns (tokenizer, kept): a CaptionTokenizer over the tokens the captions use, the special
-    tokens and the single characters they contain (so other words can still be spelled), and the
-    ascending ids those tokens had, for cutting the decoder's embeddings and output layer to
+    Returns (tokenizer, kept). The tokenizer has the tokens the captions use, the special tokens
+    and the single characters of the captions, so other words can still be spelled. kept lists
+    the ascending ids those tokens had, for cutting the decoder's embeddings and output layer to
     match. WordPiece picks the longest known prefix, and every piece of these captions is kept,
     so they split exactly as before. Other tokenizer models (BPE, Unigram) depend on pieces that
     the captions do not use; for them the tokenizer is returned unchanged with kept = None.
@@ -554,8 +555,10 @@ def restrict_vocabulary(tokenizer, captions):
     vocab = spec["model"]["vocab"]
     prefix = spec["model"].get("continuing_subword_prefix", "##")
     used = {i for enc in backend.encode_batch(list(captions), add_special_tokens=False) for i in enc.ids}
-    chars = {ch for caption in captions for ch in backend.normalizer.normalize_str(caption)} if backend.normalizer \
-        else {ch for caption in captions for ch in caption}
+    if backend.normalizer is not None:
+        chars = {ch for caption in captions for ch in backend.normalizer.normalize_str(caption)}
+    else:
+        chars = {ch for caption in captions for ch in caption}
     used |= {vocab[t] for t in chars if t in vocab} | {vocab[prefix + t] for t in chars if prefix + t in vocab}
     used |= {token["id"] for token in spec["added_tokens"]}
     used |= {i for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id) if i is not None}
@@ -564,9 +567,8 @@ def restrict_vocabulary(tokenizer, captions):
     spec["model"]["vocab"] = {token: new_id[i] for token, i in vocab.items() if i in new_id}
     for token in spec["added_tokens"]:
         token["id"] = new_id[token["id"]]
-    # encode() adds [BOS]/[EOS] itself and pads itself; the template refers to the old ids.
+    # encode() adds [BOS] and [EOS] and pads by itself. The template would refer to the old ids.
     spec["post_processor"] = spec["padding"] = spec["truncation"] = None
     remap = [None if i is None else new_id[i]
              for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id)]
     return CaptionTokenizer(Tokenizer.from_str(json.dumps(spec)), *remap), kept
-

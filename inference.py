@@ -39,7 +39,7 @@ from PIL import Image
 # torch, transformers and the model code are imported where they are used, so that
 # --list-models starts without them.
 from checkpoints import DEFAULT_RUNS_DIR, DEFAULT_SWEEPS_DIR, TABLE_METRICS, best_checkpoint_path, best_record
-from checkpoints import metric_goal, models_table, rank_records, scan_runs
+from checkpoints import logged_val_metrics, metric_goal, models_table, rank_records, scan_runs
 
 __all__ = ["best_checkpoint_path", "caption_images", "decoding_options", "load_pixels"]
 
@@ -246,7 +246,7 @@ def list_models(args):
                      f"(train.py's --output_dir)")
         return EXIT_INVALID
     records = rank_records(scan_runs(args.runs_dir, args.sweeps_dir), args.metric)
-    logged = sorted({name for r in records for name in r.metrics if name.startswith("val/")})
+    logged = logged_val_metrics(records)
     if logged and args.metric not in logged:
         report_error(f"--metric {args.metric}: no checkpoint in {args.runs_dir} logged it; they logged "
                      f"{', '.join(logged)}")
@@ -261,7 +261,8 @@ def list_models(args):
     if not args.json:
         files = sum(1 for r in records if r.source == "checkpoint")
         others = f" and {len(records) - files} sweep runs without one" if files < len(records) else ""
-        print(f"{files} checkpoint{'' if files == 1 else 's'} in {args.runs_dir}{others}, best first by {args.metric} "
+        noun = "checkpoint" if files == 1 else "checkpoints"
+        print(f"{files} {noun} in {args.runs_dir}{others}, best first by {args.metric} "
               f"({metric_goal(args.metric)}):")
         print(models_table(records, args.metric))
     return EXIT_OK

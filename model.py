@@ -151,7 +151,7 @@ def minilm_path():
 
 
 def unknown_decoder(name, error):
-    """The one-line ValueError for a --decoder that transformers cannot load."""
+    """Return the one-line ValueError for a --decoder that transformers cannot load."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ValueError(f"--decoder {name}: not 'transformer', 'minilm', a model folder, or a model transformers "
                       f"can load ({first}); check the name, or pass a folder saved with save_pretrained")
@@ -178,7 +178,7 @@ def build_decoder(model_config, pretrained):
     config.is_decoder = True  # BERT-style models need both flags for causal masking and cross-attention
     config.add_cross_attention = True
     model_class = BertLMHeadModel if name == "minilm" else AutoModelForCausalLM
-    # transformers prints a table of every new tensor and a progress bar; one log line says the same.
+    # transformers prints a table of every new tensor and a progress bar. One log line below reports the same.
     from transformers.utils import logging as hf_logging
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -203,9 +203,9 @@ def build_decoder(model_config, pretrained):
 def keep_tokens(decoder, token_ids):
     """Cut a pretrained decoder's vocabulary to token_ids (ascending), which become ids 0..n-1.
 
-    The kept rows move to the front of the input embeddings (and of the output layer when it is
-    not tied to them), then transformers trims both to n rows and sets config.vocab_size, so
-    the stored config rebuilds the smaller model.
+    The kept rows move to the front of the input embeddings, and of the output layer when it is
+    not tied to them. transformers then trims both to n rows and sets config.vocab_size, so the
+    stored config rebuilds the smaller model.
     """
     index = torch.tensor(token_ids)
     embeddings, output = decoder.get_input_embeddings(), decoder.get_output_embeddings()
@@ -262,9 +262,9 @@ class ImageCaptioner(nn.Module):
 
         [BOS], [PAD], [UNK] and the other bracketed tokens (BERT's [MASK] and [unused0]...) are
         never generated: label smoothing gives them a little probability, which sampling would
-        otherwise pick now and then. With rerank_neighbors
-        and several beams, the beam kept for each image is chosen by consensus with the
-        captions of that many nearest training images (consensus.py).
+        otherwise pick now and then. With rerank_neighbors and several beams, the beam kept for
+        each image is chosen by consensus with the captions of that many nearest training images
+        (consensus.py).
         """
         if features is None:
             features = self.encoder.forward_backbone(pixel_values)

@@ -203,8 +203,8 @@ def validate_config(config):
     if config["batch_size"] % world_size:
         raise ValueError(f"--batch_size={config['batch_size']} is not divisible by the {world_size} processes")
     if config["metric"] == "val/meteor" and (not config["meteor"] or shutil.which("java") is None):
-        why = "--meteor=False" if not config["meteor"] else "java is not installed"
-        raise ValueError(f"--metric=val/meteor is never logged here: {why}; pass --metric val/cider, or install java "
+        reason = "--meteor=False" if not config["meteor"] else "java is not installed"
+        raise ValueError(f"--metric=val/meteor is never logged here: {reason}; pass --metric val/cider, or install java "
                          f"and pass --meteor True")
     output_dir = Path(config["output_dir"])
     if output_dir.exists() and not output_dir.is_dir():

@@ -211,13 +211,13 @@ def make_tokenizer(config, train_captions):
     tokenizer = pretrained_tokenizer(hf_tokenizer)
     if config["decoder_vocab"] == "full":
         return tokenizer
-    restricted, kept = restrict_vocabulary(tokenizer, train_captions)
-    if kept is None:
+    restricted, source_ids = restrict_vocabulary(tokenizer, train_captions)
+    if source_ids is None:
         log.info("decoder %s: its tokenizer is not WordPiece, so it keeps its full vocabulary", config["decoder"])
         return tokenizer
     log.info("decoder vocabulary: %d of %d tokens (those of the training captions)", restricted.vocab_size,
              tokenizer.vocab_size)
-    restricted.source_ids = kept
+    restricted.source_ids = source_ids
     return restricted
 
 

@@ -57,7 +57,7 @@ def test_list_models_shows_crashed_run(sweep_with_crash):
     assert lines.index(finished_line) < lines.index(crashed_line)  # ranked runs first
 
 
-def test_list_models_of_another_folder_leaves_out_the_sweep(sweep_with_crash):
+def test_list_models_other_folder_omits_sweep(sweep_with_crash):
     workdir, crashed, finished = sweep_with_crash
     (workdir / "other_runs").mkdir(exist_ok=True)
     result = run_script("inference.py", ["--list-models", "--runs-dir", "other_runs"], workdir)

@@ -161,7 +161,8 @@ def test_minilm_decoder_warm_start(tmp_path):
     assert torch.allclose(saved, pretrained[key], atol=1e-2)
     # The vocabulary is cut to the tokens of the training captions; their embeddings are MiniLM's rows.
     kept = model_config["decoder_token_ids"]
-    assert 20 < len(kept) < 1000 and model_config["decoder_hf_config"]["vocab_size"] == len(kept)
+    assert 20 < len(kept) < 1000
+    assert model_config["decoder_hf_config"]["vocab_size"] == len(kept)
     key = next(k for k in pretrained if k.endswith("word_embeddings.weight"))
     saved = checkpoint["decoder_state_dict"]["bert.embeddings.word_embeddings.weight"]
     assert saved.shape == (len(kept), 384)
@@ -171,7 +172,8 @@ def test_minilm_decoder_warm_start(tmp_path):
     ids, lengths = tokenizer.encode(["a the", "a large circle"], 16)  # every built-in caption has "a" and "the"
     assert lengths[0] == 4
     assert ids[0, :4].tolist() == [tokenizer.bos_id, kept.index(1037), kept.index(1996), tokenizer.eos_id]
-    assert ids[1, lengths[1] - 1] == tokenizer.eos_id and ids[1, lengths[1]:].eq(tokenizer.pad_id).all()
+    assert ids[1, lengths[1] - 1] == tokenizer.eos_id
+    assert ids[1, lengths[1]:].eq(tokenizer.pad_id).all()
     assert model.generate(tokenizer, pixel_values=torch.zeros(1, 3, 64, 64), max_length=8).max() < len(kept)
 
 
@@ -191,10 +193,12 @@ def test_restrict_vocabulary_splits_captions_as_before():
     assert small.decode(after) == full.decode(before)
     # A word the captions do not contain is spelled from their letters, not lost to [UNK].
     ids, _ = small.encode(["a black cat"], 24)
-    assert small.unk_id not in ids.tolist()[0] and small.decode(ids) == ["a black cat"]
+    assert small.unk_id not in ids.tolist()[0]
+    assert small.decode(ids) == ["a black cat"]
     # BERT's reserved tokens are never generated, with the full vocabulary or the cut one.
     never = {full.tokenizer.id_to_token(i) for i in full.never_generated()}
-    assert {"[MASK]", "[unused80]", "[PAD]", "[CLS]", "[UNK]"} <= never and "[SEP]" not in never
+    assert {"[MASK]", "[unused80]", "[PAD]", "[CLS]", "[UNK]"} <= never
+    assert "[SEP]" not in never
     assert {small.tokenizer.id_to_token(i) for i in small.never_generated()} == {"[MASK]", "[PAD]", "[CLS]", "[UNK]"}
     # Other tokenizer models, such as GPT-2's BPE, are kept whole.
     from tokenizers import Tokenizer, models
