@@ -352,12 +352,15 @@ def evaluate_command(args, checkpoint_arg):
     tag += f"-first{args.max_images}" if args.max_images else ""
     default = f"{Path(loaded.path).stem}_{data_name}_{args.split}_{tag}.json"
     output = Path(args.output or Path(EVALUATIONS_DIR) / default)
-    if output.is_dir():
-        raise ValueError(f"--output {output} is a folder; pass a file name such as {output / 'captions.json'}")
     try:
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a folder; pass a file name such as {output / 'captions.json'}")
         output.parent.mkdir(parents=True, exist_ok=True)
+        probe = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # an unwritable --output fails before scoring
+        probe.touch()
+        probe.unlink()
     except OSError as e:
-        raise ValueError(f"cannot create the folder of --output {output} ({e}); pass another --output") from e
+        raise ValueError(f"cannot write --output {output} ({e}); pass another --output") from e
     result = evaluate_split(loaded.model, loaded.tokenizer, loaded.checkpoint, args.evaluate, args.split,
                             loaded.options, args.batch_size, args.max_images, meteor=not args.no_meteor)
     result = json_safe({"checkpoint": loaded.path, "seed": loaded.seed, **result})

@@ -10,7 +10,7 @@ package), whose runs log to W&B offline for `wandb sync` to upload later.
     python simple_sweep.py --list SWEEP_ID           # one local sweep's runs, with the errors of failed ones
     wandb agent ENTITY/PROJECT/SWEEP_ID              # an agent of a W&B sweep, on any machine
 
-Exit status: 0 done, 1 runs kept failing or W&B failed, 2 invalid config or arguments, 130 Ctrl-C.
+Exit status: 0 done, 1 runs kept failing (or every run failed) or W&B failed, 2 invalid config or arguments, 130 Ctrl-C.
 """
 
 import argparse

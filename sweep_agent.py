@@ -207,7 +207,7 @@ class Agent:
                 signal.signal(signum, handler)
 
     def _run(self, count, max_failures):
-        done, failures = 0, []
+        done, failures, failed_runs = 0, [], []
         while (count is None or done < count) and not self.interrupts:
             run = self.store.claim_run(self.sweep_id, self.token)
             if run is None:
@@ -219,12 +219,16 @@ class Agent:
             state = self.run_trial(run)
             done += 1
             failures = failures + [run.run_id] if state in FAILED_STATES else []
+            failed_runs += [run.run_id] if state in FAILED_STATES else []
             if len(failures) >= max_failures:
                 self.log_failures(f"stopping the agent: {len(failures)} runs in a row failed", failures)
                 return 1
         if self.interrupts:
             log.warning("agent stopped; continue the sweep with: python simple_sweep.py --agent %s", self.sweep_id)
             return 130
+        if done and len(failed_runs) == done:
+            self.log_failures(f"every run of this agent failed ({done} of {done})", failed_runs)
+            return 1
         return 0
 
     def log_failures(self, headline, failures):
@@ -332,7 +336,7 @@ class Agent:
 
 
 def run_agent(sweep_id, count=None, max_failures=MAX_FAILURES, poll_s=POLL_S, state_dir=None):
-    """Run a local agent on a sweep; return the exit status (0 done, 1 failing runs, 130 Ctrl-C)."""
+    """Run a local agent on a sweep; return the exit status (0 done, 1 failing runs or every run failed, 130 Ctrl-C)."""
     store = SweepStore(state_dir) if state_dir else SweepStore()
     try:
         return Agent(sweep_id, store, poll_s).run(count, max_failures)

@@ -277,10 +277,28 @@ def finish_run(state, run, path, status, reason=""):
     return status
 
 
+def record_decoder_shape(config, model, run):
+    """Record a pretrained decoder's own shape in the run's config, in place of the settings it ignores."""
+    if config["decoder"] == "transformer":
+        return
+    hf_config = model.decoder.config
+    real = {"d_model": hf_config.hidden_size, "num_layers": hf_config.num_hidden_layers,
+            "num_heads": hf_config.num_attention_heads}
+    ignored = [f"--{key}={config[key]}" for key in real if config[key] not in (DEFAULTS[key], real[key])]
+    if ignored:
+        log.warning("--decoder %s has %d layers of width %d with %d heads; ignoring %s (they shape --decoder "
+                    "transformer only)", config["decoder"], real["num_layers"], real["d_model"], real["num_heads"],
+                    " ".join(ignored))
+    config.update(real)
+    if run.settings.mode != "disabled":
+        run.config.update(real, allow_val_change=True)
+
+
 def train(config, run, ctx, stop, resume_state=None):
     """Train one run; return "completed", "failed" (diverged) or "preempted" (SIGTERM)."""
     torch.manual_seed(config["seed"])
     model, tokenizer, train_inputs, val_inputs, data_stats = training.prepare(config, ctx, resume_state)
+    record_decoder_shape(config, model, run)
     xe_steps = config["max_steps"]
     if config["epochs"]:
         xe_steps = max(1, math.ceil(config["epochs"] * len(train_inputs) / config["batch_size"]))
@@ -417,6 +435,19 @@ def train(config, run, ctx, stop, resume_state=None):
     return finish_run(state, run, path, "completed") if ctx.is_main else "completed"
 
 
+def check_resume_options(config, resume_state):
+    """Reject (--resume) or log (a WANDB_RUN_ID rerun) values that differ from a resumed run's saved settings."""
+    saved = {**DEFAULTS, **resume_state["config"]}
+    ignored = [f"--{key}={value}" for key, value in config.items()
+               if key != "resume" and value != DEFAULTS.get(key) and value != saved.get(key)]
+    if not ignored:
+        return
+    if config["resume"] is not None:
+        raise ValueError(f"--resume {config['resume']} continues run {resume_state['run_id']} with its saved settings, "
+                         f"so {' '.join(ignored)} would be ignored; drop them, or start a new run without --resume")
+    log.warning("resuming run %s with its saved settings; ignoring %s", resume_state["run_id"], " ".join(ignored))
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -425,8 +456,11 @@ def main(argv=None):
     try:
         resume_state = training.find_resume_state(config)
         if resume_state is not None:
+            check_resume_options(config, resume_state)
             # settings added since the state was saved take their defaults
             config = {**DEFAULTS, **resume_state["config"], "resume": config["resume"]}
+        else:
+            training.check_run_id_unused(config)
         validate_config(config)
         training.resolve_device(config["device"])  # a device this machine lacks fails here, before W&B starts
     except (ValueError, CheckpointError) as e:

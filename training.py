@@ -3,6 +3,7 @@ checkpoints and preemption-safe resume. train.py contains the settings, the loop
 """
 
 import copy
+import glob
 import gc
 import logging
 import math
@@ -315,6 +316,17 @@ def write_run_files(path, checkpoint):
     """Write the checkpoint, then its JSON summary (read by --list-models without loading weights)."""
     save_checkpoint(path, checkpoint)
     write_summary(path, checkpoint["metadata"])
+
+
+def check_run_id_unused(config):
+    """Refuse a WANDB_RUN_ID whose run already wrote a checkpoint to --output_dir: it would be replaced."""
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if not run_id:
+        return
+    existing = sorted(Path(config["output_dir"]).glob(f"model_sweep_{glob.escape(run_id)}_*.pth"))
+    if existing:
+        raise CheckpointError(f"WANDB_RUN_ID={run_id} already ran: {existing[0]} holds its checkpoint; set another "
+                              f"WANDB_RUN_ID (or unset it), or move that file away to train the run again")
 
 
 def find_resume_state(config):

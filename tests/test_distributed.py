@@ -77,6 +77,11 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     assert code == 143, log[-3000:]
     (state,) = (split / "saved_models" / "resume").glob("*.pt")
     assert "resumable state" in log
+    # A resumed run keeps its settings: another rate is an error, not silently dropped.
+    result = run_script("train.py", [*args, "--resume", state, "--learning_rate", "0.01"], split)
+    assert result.returncode == 2
+    assert f"continues run {state.stem} with its saved settings, so --learning_rate=0.01 would be ignored" in result.stderr
+    assert state.exists()
     result = run_script("train.py", [*args, "--resume", state], split)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not state.exists()  # removed once the run completed
@@ -107,3 +112,12 @@ def test_rerun_with_same_wandb_run_id_resumes(tmp_path):
     checkpoint = only_checkpoint(tmp_path)
     assert checkpoint["total_steps"] == 20
     assert checkpoint["wandb_run_id"] == "rerun123"
+
+    # Once the run has finished, the same id again would replace its checkpoint: refused.
+    (path,) = (tmp_path / "saved_models" / "sweep_runs").glob("*.pth")
+    before = path.read_bytes()
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert f"WANDB_RUN_ID=rerun123 already ran: {path.relative_to(tmp_path)} holds its checkpoint" in result.stderr
+    assert path.read_bytes() == before

@@ -648,3 +648,14 @@ def test_evaluate_missing_data_names_the_option(tiny_checkpoint, tmp_path, capsy
     assert f"--evaluate {missing}: no such file or folder; pass a dataset path" in err
     assert "--data" not in err
     assert len(error_lines(err)) == 1
+
+
+def test_evaluate_unwritable_output_fails_before_scoring(tiny_checkpoint, tmp_path, capsys):
+    output = tmp_path / ("x" * 300 + ".json")  # longer than any file system allows for one name
+    code, out, err = run_main(["--evaluate", "builtin", "--split", "test", "--max-images", "4", "--no-meteor",
+                               "--output", output, tiny_checkpoint], capsys)
+    assert code == inference.EXIT_INVALID
+    assert f"cannot write --output {output}" in err
+    assert "bleu" not in out  # nothing was scored
+    assert len(error_lines(err)) == 1
+    assert list(tmp_path.iterdir()) == []

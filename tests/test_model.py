@@ -146,14 +146,18 @@ def test_minilm_decoder_warm_start(tmp_path):
     from safetensors.torch import load_file
     args = ["--encoder", "tiny_cnn", "--decoder", "minilm", "--max_steps", "2", "--eval_interval", "2",
             "--batch_size", "4", "--max_train_samples", "8", "--max_val_samples", "4", "--eval_max_images", "2",
-            "--max_caption_length", "16", "--log_model", "False", "--meteor", "False"]
+            "--max_caption_length", "16", "--log_model", "False", "--meteor", "False", "--d_model", "128"]
     result = run_script("train.py", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--decoder minilm has 6 layers of width 384 with 12 heads; ignoring --d_model=128" in result.stderr
     (path,) = (tmp_path / "saved_models" / "sweep_runs").glob("*.pth")
     checkpoint = read_checkpoint(path)
     model_config = checkpoint["model_config"]
     assert model_config["decoder_kind"] == "bert"
     assert model_config["d_model"] == 384
+    # the run's config records the shape that trained, not the unused --d_model
+    assert {k: checkpoint["config"][k] for k in ("d_model", "num_layers", "num_heads")} == {
+        "d_model": 384, "num_layers": 6, "num_heads": 12}
     pretrained = load_file(f"{minilm_path()}/model.safetensors")
     key = next(k for k in pretrained if k.endswith("encoder.layer.5.output.dense.weight"))
     saved = checkpoint["decoder_state_dict"]["bert." + key.removeprefix("bert.")]

@@ -169,6 +169,20 @@ def test_failures_in_a_row_stop_agent(tmp_path):
     assert "shard 2 is unreadable" not in output
 
 
+def test_agent_whose_every_run_failed_exits_1(tmp_path):
+    program = write_program(tmp_path, "fail.py", FAILING_PROGRAM)
+    sweep_id = create_sweep(tmp_path, {"program": program, "method": "grid",
+                                       "parameters": {"a": {"values": [1, 2]}}})
+
+    result = run_script("simple_sweep.py", ["--agent", sweep_id], tmp_path)
+
+    assert result.returncode == 1
+    assert [r.state for r in sweep_runs(tmp_path, sweep_id)] == ["failed"] * 2
+    output = result.stdout + result.stderr
+    assert "every run of this agent failed (2 of 2)" in output
+    assert "OSError: shard 1 is unreadable" in output
+
+
 def test_success_resets_failure_count(tmp_path):
     program = write_program(tmp_path, "fail.py", FAILING_PROGRAM)
     sweep_id = create_sweep(tmp_path, {"program": program, "method": "grid",
