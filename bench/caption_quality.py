@@ -208,7 +208,13 @@ def build_parser():
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        own = [a for a in args.train_args if a.split("=")[0] in ("--data", "--output_dir", "--cache_dir")]
+        if own:
+            parser.error(f"{own[0].split('=')[0]} after -- is set by this script (from its --data, --out and "
+                         f"--cache_dir), so the checkpoint would not be found; drop it from the train.py flags")
     try:
         wall_s = cpu_s = None
         if args.command == "train":

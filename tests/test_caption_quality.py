@@ -151,3 +151,12 @@ def test_bench_failed_training(tmp_path):
     assert "train.py exited with status 2" in result.stderr
     assert not (tmp_path / "out" / "bad_seed0_test_captions.json").exists()
 
+
+
+def test_bench_rejects_output_dir_among_train_flags(tmp_path):
+    args = ["train", "--name", "mine", "--data", "builtin", "--out", tmp_path / "out", "--",
+            *TINY_TRAIN_ARGS, "--output_dir", tmp_path / "elsewhere"]
+    result = run_script("bench/caption_quality.py", args, tmp_path)
+    assert result.returncode == 2
+    assert "--output_dir after -- is set by this script" in result.stderr
+    assert not (tmp_path / "elsewhere").exists()  # rejected before train.py ran
