@@ -44,6 +44,7 @@ class RunRecord:
     final_train_loss: float = float("nan")
     total_steps: int = 0
     config: dict = field(default_factory=dict)
+    data_path: str = ""  # --data resolved when the run trained ("" for builtin and older checkpoints)
     error: str = ""
     source: str = "checkpoint"  # or "sweep": a local sweep run that left no checkpoint
 
@@ -100,6 +101,7 @@ def load_record(path):
     record.final_train_loss = meta.get("final_train_loss", float("nan"))
     record.total_steps = meta.get("total_steps", 0)
     record.config = meta.get("config") or {}
+    record.data_path = meta.get("data_path") or ""
     return record
 
 
@@ -177,7 +179,8 @@ def best_record(runs_dir=DEFAULT_RUNS_DIR, metric="val/loss", data=None):
     """
     records = scan_checkpoints(runs_dir)
     if data is not None:
-        trained = [r for r in records if same_data(r.config.get("data"), data)]
+        trained = [r for r in records
+                   if same_data(r.config.get("data"), data) or (r.data_path and same_data(r.data_path, data))]
         if records and not trained:
             raise FileNotFoundError(f"none of the {len(records)} checkpoints in {runs_dir} was trained on {data}; "
                                     f"pass the checkpoint to score, or --runs-dir with runs trained on it")

@@ -319,13 +319,13 @@ def write_run_files(path, checkpoint):
 
 
 def check_run_id_unused(config):
-    """Refuse a WANDB_RUN_ID whose run already wrote a checkpoint to --output_dir: it would be replaced."""
+    """Reject a WANDB_RUN_ID that already has a checkpoint in --output_dir, which a new run would replace."""
     run_id = os.environ.get("WANDB_RUN_ID")
     if not run_id:
         return
     existing = sorted(Path(config["output_dir"]).glob(f"model_sweep_{glob.escape(run_id)}_*.pth"))
     if existing:
-        raise CheckpointError(f"WANDB_RUN_ID={run_id} already ran: {existing[0]} holds its checkpoint; set another "
+        raise CheckpointError(f"WANDB_RUN_ID={run_id} already has a checkpoint: {existing[0]}; set another "
                               f"WANDB_RUN_ID (or unset it), or move that file away to train the run again")
 
 
@@ -390,6 +390,8 @@ def build_checkpoint(state, status, reason):
         "total_steps": state.step, "skipped_steps": state.skipped, "timing": state.timing,
         "config": config, "encoder": config["encoder"], "decoder": config["decoder"],
         "samples": best["samples"], "history": state.history, "data_stats": state.data_stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # --data as typed may be relative to the folder train.py ran in; --evaluate DATA matches either.
+        "data_path": None if config["data"] == "builtin" else os.path.realpath(os.path.expanduser(config["data"])),
     }
     model_config = state.model.model_config
     return {

@@ -153,7 +153,7 @@ def test_bench_failed_training(tmp_path):
 
 
 
-def test_bench_rejects_output_dir_among_train_flags(tmp_path):
+def test_bench_rejects_output_dir_flag(tmp_path):
     args = ["train", "--name", "mine", "--data", "builtin", "--out", tmp_path / "out", "--",
             *TINY_TRAIN_ARGS, "--output_dir", tmp_path / "elsewhere"]
     result = run_script("bench/caption_quality.py", args, tmp_path)

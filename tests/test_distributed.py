@@ -113,11 +113,11 @@ def test_rerun_with_same_wandb_run_id_resumes(tmp_path):
     assert checkpoint["total_steps"] == 20
     assert checkpoint["wandb_run_id"] == "rerun123"
 
-    # Once the run has finished, the same id again would replace its checkpoint: refused.
+    # Once the run has finished, the same id again would replace its checkpoint, so it is rejected.
     (path,) = (tmp_path / "saved_models" / "sweep_runs").glob("*.pth")
     before = path.read_bytes()
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
-    assert f"WANDB_RUN_ID=rerun123 already ran: {path.relative_to(tmp_path)} holds its checkpoint" in result.stderr
+    assert f"WANDB_RUN_ID=rerun123 already has a checkpoint: {path.relative_to(tmp_path)};" in result.stderr
     assert path.read_bytes() == before

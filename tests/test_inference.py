@@ -659,3 +659,19 @@ def test_evaluate_unwritable_output_fails_before_scoring(tiny_checkpoint, tmp_pa
     assert "bleu" not in out  # nothing was scored
     assert len(error_lines(err)) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_finds_run_from_another_folder(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "project" / "data"
+    write_csv_dataset(data, {"a.png": "test", "b.png": "train"})
+    runs_dir = tmp_path / "runs"
+    path = write_variant(runs_dir, tiny_checkpoint, "relative", "completed", {"val/loss": 0.5})
+    checkpoint = read_checkpoint(path)
+    # trained in tmp_path/project/scripts with --data ../data, as typed
+    checkpoint["metadata"]["config"] = {**checkpoint["metadata"]["config"], "data": "../data"}
+    checkpoint["metadata"]["data_path"] = str(data)
+    write_run_files(path, checkpoint)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(["--evaluate", "project/data", "--runs-dir", runs_dir, "--no-meteor"], capsys)
+    assert code == inference.EXIT_OK, err
+    assert "relative" in out + err
