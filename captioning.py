@@ -129,7 +129,7 @@ def write_json(path, document):
     """Write a JSON file atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name[:100]}.{os.getpid()}.tmp")  # short enough for a 255-character name
     try:
         tmp.write_text(json.dumps(document, indent=1))
         os.replace(tmp, path)

@@ -337,6 +337,29 @@ def caption_command(args, image_args, checkpoint_arg):
     return EXIT_UNREADABLE_IMAGES if errors else EXIT_OK
 
 
+def check_output(output):
+    """Raise ValueError before scoring when --output cannot be written or would replace a checkpoint."""
+    if output.suffix in (".pth", ".pt"):
+        raise ValueError(f"--output {output} is a checkpoint file name; pass a .json file name")
+    try:
+        if output.with_suffix(".pth").is_file():
+            raise ValueError(f"--output {output} is the summary of the checkpoint {output.with_suffix('.pth')}; "
+                             f"pass another file name")
+        blocking = next((p for p in output.parents if p.is_file()), None)
+        if blocking is not None:
+            raise ValueError(f"--output {output} is inside {blocking}, which is a file; pass a path in a folder")
+        if output.is_dir():
+            raise ValueError(f"--output {output} is a folder; pass a file name such as {output / 'captions.json'}")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        existed = output.exists()
+        with open(output, "a"):  # opened without truncating, so an existing file is kept as it is
+            pass
+        if not existed:
+            output.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write --output {output} ({e.strerror or e}); pass another --output") from e
+
+
 def evaluate_command(args, checkpoint_arg):
     """Caption and score a split of --evaluate DATA; print the scores and write every caption to JSON."""
     from captioning import evaluate_split, print_scores, write_json
@@ -352,15 +375,7 @@ def evaluate_command(args, checkpoint_arg):
     tag += f"-first{args.max_images}" if args.max_images else ""
     default = f"{Path(loaded.path).stem}_{data_name}_{args.split}_{tag}.json"
     output = Path(args.output or Path(EVALUATIONS_DIR) / default)
-    try:
-        if output.is_dir():
-            raise ValueError(f"--output {output} is a folder; pass a file name such as {output / 'captions.json'}")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        probe = output.with_name(f".{output.name}.{os.getpid()}.tmp")  # an unwritable --output fails before scoring
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"cannot write --output {output} ({e}); pass another --output") from e
+    check_output(output)
     result = evaluate_split(loaded.model, loaded.tokenizer, loaded.checkpoint, args.evaluate, args.split,
                             loaded.options, args.batch_size, args.max_images, meteor=not args.no_meteor)
     result = json_safe({"checkpoint": loaded.path, "seed": loaded.seed, **result})

@@ -115,6 +115,7 @@ SETTINGS = [
     ("log_model", True, bool, "also log the checkpoint to W&B as a model artifact"),
 ]
 DEFAULTS = {name: default for name, default, _, _ in SETTINGS}
+PATH_SETTINGS = ("data", "output_dir", "resume_dir", "cache_dir")
 CHOICES = {"optimizer": ("adamw", "adam"), "scheduler": ("cosine", "linear", "constant"),
            "decoder_vocab": ("captions", "full"), "metric_goal": ("auto", "minimize", "maximize"),
            "precision": ("auto", "bf16", "fp16", "fp32"), "wandb_mode": ("auto", "online", "offline", "disabled")}
@@ -143,12 +144,14 @@ def optional(kind):
     return parse
 
 
-def build_parser():
+def build_parser(defaults=True):
+    """Return the command-line parser; without defaults it returns only the settings given."""
     parser = argparse.ArgumentParser(description="Train one image-captioning run.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, default, kind, text in SETTINGS:
         parse = parse_bool if kind is bool else optional(kind)
-        parser.add_argument(f"--{name}", type=parse, default=default, choices=CHOICES.get(name), help=text)
+        parser.add_argument(f"--{name}", type=parse, default=default if defaults else argparse.SUPPRESS,
+                            choices=CHOICES.get(name), help=text)
     return parser
 
 
@@ -206,6 +209,8 @@ def validate_config(config):
         reason = "--meteor=False" if not config["meteor"] else "java is not installed"
         raise ValueError(f"--metric=val/meteor is never logged here: {reason}; pass --metric val/cider, or install java "
                          f"and pass --meteor True")
+    if not str(config["data"]).strip():
+        raise ValueError("--data is empty; pass a dataset path, or builtin for the synthetic shapes")
     output_dir = Path(config["output_dir"])
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir={output_dir} is a file, not a folder; pass a folder for the checkpoints")
@@ -435,11 +440,26 @@ def train(config, run, ctx, stop, resume_state=None):
     return finish_run(state, run, path, "completed") if ctx.is_main else "completed"
 
 
-def check_resume_options(config, resume_state):
+def explicit_options(argv=None):
+    """Return the settings given on the command line, without the defaults."""
+    return vars(build_parser(defaults=False).parse_args(argv))
+
+
+def same_setting(key, value, saved):
+    if key in PATH_SETTINGS and isinstance(value, str) and isinstance(saved, str):
+        return os.path.realpath(os.path.expanduser(value)) == os.path.realpath(os.path.expanduser(saved))
+    return value == saved
+
+
+def check_resume_options(config, resume_state, given):
     """Reject (--resume) or log (a WANDB_RUN_ID rerun) values that differ from a resumed run's saved settings."""
+    env_id = os.environ.get("WANDB_RUN_ID")
+    if config["resume"] is not None and env_id and env_id != resume_state["wandb_run_id"]:
+        raise ValueError(f"WANDB_RUN_ID={env_id} but --resume {config['resume']} continues run "
+                         f"{resume_state['wandb_run_id']}; unset WANDB_RUN_ID or set it to {resume_state['wandb_run_id']}")
     saved = {**DEFAULTS, **resume_state["config"]}
-    ignored = [f"--{key}={value}" for key, value in config.items()
-               if key != "resume" and value != DEFAULTS.get(key) and value != saved.get(key)]
+    ignored = [f"--{key}={value}" for key, value in given.items()
+               if key != "resume" and not same_setting(key, value, saved.get(key))]
     if not ignored:
         return
     if config["resume"] is not None:
@@ -456,11 +476,13 @@ def main(argv=None):
     try:
         resume_state = training.find_resume_state(config)
         if resume_state is not None:
-            check_resume_options(config, resume_state)
+            check_resume_options(config, resume_state, explicit_options(argv))
             # settings added since the state was saved take their defaults
             config = {**DEFAULTS, **resume_state["config"], "resume": config["resume"]}
-        else:
-            training.check_run_id_unused(config)
+            option = f"--resume {config['resume']}" if config["resume"] else f"WANDB_RUN_ID={resume_state['run_id']}"
+            training.check_run_not_finished(config, resume_state["run_id"], option)
+        elif os.environ.get("WANDB_RUN_ID"):
+            training.check_run_not_finished(config, os.environ["WANDB_RUN_ID"], f"WANDB_RUN_ID={os.environ['WANDB_RUN_ID']}")
         validate_config(config)
         training.resolve_device(config["device"])  # a device this machine lacks fails here, before W&B starts
     except (ValueError, CheckpointError) as e:

@@ -318,15 +318,22 @@ def write_run_files(path, checkpoint):
     write_summary(path, checkpoint["metadata"])
 
 
-def check_run_id_unused(config):
-    """Reject a WANDB_RUN_ID that already has a checkpoint in --output_dir, which a new run would replace."""
-    run_id = os.environ.get("WANDB_RUN_ID")
-    if not run_id:
-        return
-    existing = sorted(Path(config["output_dir"]).glob(f"model_sweep_{glob.escape(run_id)}_*.pth"))
-    if existing:
-        raise CheckpointError(f"WANDB_RUN_ID={run_id} already has a checkpoint: {existing[0]}; set another "
-                              f"WANDB_RUN_ID (or unset it), or move that file away to train the run again")
+def check_run_not_finished(config, run_id, option):
+    """Reject a run id whose completed checkpoint is already in --output_dir, which this run would replace.
+
+    The checkpoint of an unfinished run (running, preempted) or of a failed one is replaced on
+    purpose: the resumed or repeated run writes the final one.
+    """
+    from checkpoints import read_summary
+    for path in sorted(Path(config["output_dir"]).glob(f"model_sweep_{glob.escape(run_id)}_*.pth")):
+        try:
+            summary = read_summary(path)
+        except (CheckpointError, OSError):
+            continue
+        if summary.get("run_id") == run_id and summary.get("status") == "completed":
+            raise CheckpointError(f"{option} names run {run_id}, which already has a completed checkpoint: "
+                                  f"{path}; start a new run (another WANDB_RUN_ID, or none), or move that file away "
+                                  f"to train the run again")
 
 
 def find_resume_state(config):

@@ -211,10 +211,12 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        own = [a for a in args.train_args if a.split("=")[0] in ("--data", "--output_dir", "--cache_dir")]
+        # train.py accepts a prefix of an option (--output for --output_dir), as argparse does by default
+        own = [a.split("=")[0] for a in args.train_args if a.startswith("--") and len(a.split("=")[0]) > 3
+               and any(name.startswith(a.split("=")[0]) for name in ("--data", "--output_dir", "--cache_dir"))]
         if own:
-            parser.error(f"{own[0].split('=')[0]} after -- is set by this script (from its --data, --out and "
-                         f"--cache_dir), so the checkpoint would not be found; drop it from the train.py flags")
+            parser.error(f"{own[0]} after -- is set by this script (from its --data, --out and --cache_dir); "
+                         f"drop it from the train.py flags")
     try:
         wall_s = cpu_s = None
         if args.command == "train":

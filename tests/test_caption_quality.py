@@ -160,3 +160,11 @@ def test_bench_rejects_output_dir_flag(tmp_path):
     assert result.returncode == 2
     assert "--output_dir after -- is set by this script" in result.stderr
     assert not (tmp_path / "elsewhere").exists()  # rejected before train.py ran
+
+
+def test_bench_rejects_abbreviated_output_dir(tmp_path):
+    args = ["train", "--name", "mine", "--data", "builtin", "--out", tmp_path / "out", "--",
+            *TINY_TRAIN_ARGS, "--output", tmp_path / "elsewhere"]
+    result = run_script("bench/caption_quality.py", args, tmp_path)
+    assert result.returncode == 2
+    assert "--output after -- is set by this script" in result.stderr

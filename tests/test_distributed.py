@@ -82,9 +82,18 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     assert result.returncode == 2
     assert f"continues run {state.stem} with its saved settings, so --learning_rate=0.01 would be ignored" in result.stderr
     assert state.exists()
-    result = run_script("train.py", [*args, "--resume", state], split)
-    assert result.returncode == 0, result.stderr[-3000:]
+    copy = split / "copy.pt"
+    copy.write_bytes(state.read_bytes())
+    result = run_script("train.py", [*args, "--resume", state, "--output_dir", "saved_models/sweep_runs/"], split)
+    assert result.returncode == 0, result.stderr[-3000:]  # the same folder, written another way
     assert not state.exists()  # removed once the run completed
+    # A leftover copy of the state would replace the finished run's checkpoint, so it is rejected.
+    (path,) = (split / "saved_models" / "sweep_runs").glob("*.pth")
+    before = path.read_bytes()
+    result = run_script("train.py", [*args, "--resume", copy], split)
+    assert result.returncode == 2
+    assert "which already has a completed checkpoint" in result.stderr
+    assert path.read_bytes() == before
 
     uninterrupted, resumed = only_checkpoint(full), only_checkpoint(split)
     assert resumed["total_steps"] == uninterrupted["total_steps"] == 40
@@ -119,5 +128,9 @@ def test_rerun_with_same_wandb_run_id_resumes(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 2
-    assert f"WANDB_RUN_ID=rerun123 already has a checkpoint: {path.relative_to(tmp_path)};" in result.stderr
+    assert "WANDB_RUN_ID=rerun123 names run rerun123, which already has a completed checkpoint" in result.stderr
     assert path.read_bytes() == before
+    # An id that only starts the same way is another run.
+    other = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path,
+                           env=script_env(tmp_path, WANDB_RUN_ID="rerun"), capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]

@@ -675,3 +675,22 @@ def test_evaluate_finds_run_from_another_folder(tiny_checkpoint, tmp_path, capsy
     code, out, err = run_main(["--evaluate", "project/data", "--runs-dir", runs_dir, "--no-meteor"], capsys)
     assert code == inference.EXIT_OK, err
     assert "relative" in out + err
+
+
+@pytest.mark.parametrize("name, message", [
+    ("model.pth", "is a checkpoint file name"),
+    ("CHECKPOINT_SUMMARY", "is the summary of the checkpoint"),
+    ("a_file/x.json", "which is a file"),
+])
+def test_evaluate_output_rejected_before_scoring(tiny_checkpoint, tmp_path, capsys, name, message):
+    runs = tmp_path / "runs"
+    path = write_variant(runs, tiny_checkpoint, "kept", "completed", {"val/loss": 0.5})
+    (tmp_path / "a_file").write_text("not a folder")
+    output = path.with_suffix(".json") if name == "CHECKPOINT_SUMMARY" else tmp_path / name
+    before = {p: p.read_bytes() for p in runs.iterdir()}
+    code, out, err = run_main(["--evaluate", "builtin", "--split", "test", "--max-images", "4", "--no-meteor",
+                               "--output", output, path], capsys)
+    assert code == inference.EXIT_INVALID
+    assert message in err
+    assert "bleu" not in out
+    assert {p: p.read_bytes() for p in runs.iterdir()} == before

@@ -140,7 +140,8 @@ def test_nonfinite_last_step_fails(tmp_path):
                                              ("--max_caption_length=1", "--max_caption_length=1 leaves no room"),
                                              ("--eval_max_images=0", "--eval_max_images=0 must be positive"),
                                              ("--adam_beta2=1.0", "--adam_beta2=1.0 must be below 1"),
-                                             ("--val_fraction=1.5", "--val_fraction=1.5 must be between 0 and 1")])
+                                             ("--val_fraction=1.5", "--val_fraction=1.5 must be between 0 and 1"),
+                                             ("--data=", "--data is empty")])
 def test_unusable_numbers_rejected(tmp_path, setting, message):
     result = run_script("train.py", [*TINY_TRAIN_ARGS, setting], tmp_path)
     assert result.returncode == 2
@@ -260,3 +261,22 @@ def test_data_never_trains_on_test_split(tmp_path):
     split = dataset.split_indices(data)
     train_names = {data.images[i].split("/")[-1] for i in split["train"] + split["val"]}
     assert train_names.isdisjoint({"8.jpg", "9.jpg"})
+
+
+def test_resume_rejects_option_equal_to_default(monkeypatch):
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    state = {"config": {**train.DEFAULTS, "learning_rate": 1e-4}, "run_id": "abc12345", "wandb_run_id": "abc12345"}
+    argv = ["--resume", "state.pt", "--learning_rate", "3e-5"]
+    config = train.parse_config(argv)
+    given = train.explicit_options(argv)
+    assert set(given) == {"resume", "learning_rate"}
+    with pytest.raises(ValueError, match="--learning_rate=3e-05 would be ignored"):
+        train.check_resume_options(config, state, given)
+
+
+def test_resume_rejects_other_wandb_run_id(monkeypatch):
+    monkeypatch.setenv("WANDB_RUN_ID", "other123")
+    state = {"config": dict(train.DEFAULTS), "run_id": "abc12345", "wandb_run_id": "abc12345"}
+    argv = ["--resume", "state.pt"]
+    with pytest.raises(ValueError, match="WANDB_RUN_ID=other123 but --resume state.pt continues run abc12345"):
+        train.check_resume_options(train.parse_config(argv), state, train.explicit_options(argv))
