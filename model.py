@@ -265,6 +265,9 @@ class ImageCaptioner(nn.Module):
         otherwise pick now and then. With rerank_neighbors and several beams, the beam kept for
         each image is chosen by consensus with the captions of that many nearest training images
         (consensus.py).
+
+        NOTE: sampling draws from one random stream for the whole batch, so an image's sampled
+        caption depends on the other images decoded with it.
         """
         if features is None:
             features = self.encoder.forward_backbone(pixel_values)

@@ -219,7 +219,8 @@ class Agent:
             state = self.run_trial(run)
             done += 1
             failures = failures + [run.run_id] if state in FAILED_STATES else []
-            failed_runs += [run.run_id] if state in FAILED_STATES else []
+            if state in FAILED_STATES:
+                failed_runs.append(run.run_id)
             if len(failures) >= max_failures:
                 self.log_failures(f"stopping the agent: {len(failures)} runs in a row failed", failures)
                 return 1

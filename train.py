@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import training  # noqa: E402
+from checkpoints import same_data  # noqa: E402
 from data_pipeline import prefetch, train_batches  # noqa: E402
 from dataset import DataError  # noqa: E402
 from model import CheckpointError, caption_loss, save_checkpoint  # noqa: E402
@@ -145,7 +146,7 @@ def optional(kind):
 
 
 def build_parser(defaults=True):
-    """Return the command-line parser; without defaults it returns only the settings given."""
+    """Return the command-line parser. Without defaults, it parses only the settings given."""
     parser = argparse.ArgumentParser(description="Train one image-captioning run.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, default, kind, text in SETTINGS:
@@ -445,21 +446,19 @@ def explicit_options(argv=None):
     return vars(build_parser(defaults=False).parse_args(argv))
 
 
-def same_setting(key, value, saved):
-    if key in PATH_SETTINGS and isinstance(value, str) and isinstance(saved, str):
-        return os.path.realpath(os.path.expanduser(value)) == os.path.realpath(os.path.expanduser(saved))
-    return value == saved
-
-
-def check_resume_options(config, resume_state, given):
+def check_resume_options(config, resume_state, explicit):
     """Reject (--resume) or log (a WANDB_RUN_ID rerun) values that differ from a resumed run's saved settings."""
     env_id = os.environ.get("WANDB_RUN_ID")
     if config["resume"] is not None and env_id and env_id != resume_state["wandb_run_id"]:
         raise ValueError(f"WANDB_RUN_ID={env_id} but --resume {config['resume']} continues run "
                          f"{resume_state['wandb_run_id']}; unset WANDB_RUN_ID or set it to {resume_state['wandb_run_id']}")
     saved = {**DEFAULTS, **resume_state["config"]}
-    ignored = [f"--{key}={value}" for key, value in given.items()
-               if key != "resume" and not same_setting(key, value, saved.get(key))]
+    ignored = []
+    for key, value in explicit.items():
+        # paths are compared resolved, so saved_models/x/ and ./saved_models/x are the same folder
+        same = same_data(value, saved.get(key)) if key in PATH_SETTINGS else value == saved.get(key)
+        if key != "resume" and not same:
+            ignored.append(f"--{key}={value}")
     if not ignored:
         return
     if config["resume"] is not None:
@@ -482,7 +481,8 @@ def main(argv=None):
             option = f"--resume {config['resume']}" if config["resume"] else f"WANDB_RUN_ID={resume_state['run_id']}"
             training.check_run_not_finished(config, resume_state["run_id"], option)
         elif os.environ.get("WANDB_RUN_ID"):
-            training.check_run_not_finished(config, os.environ["WANDB_RUN_ID"], f"WANDB_RUN_ID={os.environ['WANDB_RUN_ID']}")
+            run_id = os.environ["WANDB_RUN_ID"]
+            training.check_run_not_finished(config, run_id, f"WANDB_RUN_ID={run_id}")
         validate_config(config)
         training.resolve_device(config["device"])  # a device this machine lacks fails here, before W&B starts
     except (ValueError, CheckpointError) as e:
@@ -490,6 +490,7 @@ def main(argv=None):
         return 2
 
     # On SIGTERM (cluster preemption, spot shutdown) the loop saves a resumable state and exits.
+    # NOTE: Ctrl-C (SIGINT) is not handled the same way: it ends the run with a traceback and saves nothing.
     stop = training.StopFlag()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
 

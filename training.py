@@ -324,13 +324,10 @@ def check_run_not_finished(config, run_id, option):
     The checkpoint of an unfinished run (running, preempted) or of a failed one is replaced on
     purpose: the resumed or repeated run writes the final one.
     """
-    from checkpoints import read_summary
+    from checkpoints import load_record
     for path in sorted(Path(config["output_dir"]).glob(f"model_sweep_{glob.escape(run_id)}_*.pth")):
-        try:
-            summary = read_summary(path)
-        except (CheckpointError, OSError):
-            continue
-        if summary.get("run_id") == run_id and summary.get("status") == "completed":
+        record = load_record(path)  # an unreadable file gives a record with status "unreadable"
+        if record.run_id == run_id and record.status == "completed":
             raise CheckpointError(f"{option} names run {run_id}, which already has a completed checkpoint: "
                                   f"{path}; start a new run (another WANDB_RUN_ID, or none), or move that file away "
                                   f"to train the run again")

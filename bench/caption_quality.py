@@ -212,11 +212,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "train":
         # train.py accepts a prefix of an option (--output for --output_dir), as argparse does by default
-        own = [a.split("=")[0] for a in args.train_args if a.startswith("--") and len(a.split("=")[0]) > 3
-               and any(name.startswith(a.split("=")[0]) for name in ("--data", "--output_dir", "--cache_dir"))]
-        if own:
-            parser.error(f"{own[0]} after -- is set by this script (from its --data, --out and --cache_dir); "
-                         f"drop it from the train.py flags")
+        for flag in (a.split("=")[0] for a in args.train_args if a.startswith("--")):
+            if len(flag) > 3 and any(name.startswith(flag) for name in ("--data", "--output_dir", "--cache_dir")):
+                parser.error(f"{flag} after -- is set by this script (from its --data, --out and --cache_dir); "
+                             f"drop it from the train.py flags")
     try:
         wall_s = cpu_s = None
         if args.command == "train":

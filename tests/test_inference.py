@@ -651,7 +651,7 @@ def test_evaluate_missing_data_names_the_option(tiny_checkpoint, tmp_path, capsy
 
 
 def test_evaluate_unwritable_output_fails_before_scoring(tiny_checkpoint, tmp_path, capsys):
-    output = tmp_path / ("x" * 300 + ".json")  # longer than any file system allows for one name
+    output = tmp_path / ("x" * 300 + ".json")  # longer than the 255-byte name limit of ext4 and most Linux file systems
     code, out, err = run_main(["--evaluate", "builtin", "--split", "test", "--max-images", "4", "--no-meteor",
                                "--output", output, tiny_checkpoint], capsys)
     assert code == inference.EXIT_INVALID

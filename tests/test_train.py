@@ -268,10 +268,10 @@ def test_resume_rejects_option_equal_to_default(monkeypatch):
     state = {"config": {**train.DEFAULTS, "learning_rate": 1e-4}, "run_id": "abc12345", "wandb_run_id": "abc12345"}
     argv = ["--resume", "state.pt", "--learning_rate", "3e-5"]
     config = train.parse_config(argv)
-    given = train.explicit_options(argv)
-    assert set(given) == {"resume", "learning_rate"}
+    explicit = train.explicit_options(argv)
+    assert set(explicit) == {"resume", "learning_rate"}
     with pytest.raises(ValueError, match="--learning_rate=3e-05 would be ignored"):
-        train.check_resume_options(config, state, given)
+        train.check_resume_options(config, state, explicit)
 
 
 def test_resume_rejects_other_wandb_run_id(monkeypatch):
